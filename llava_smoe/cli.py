@@ -1,0 +1,44 @@
+"""The `llava-smoe` command: one thin sub-command per job; the library does the work.
+
+Each sub-command lives in a module exposing `add_arguments(parser)` and `run(args)`; modules
+are imported only when needed so `llava-smoe --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("llava_smoe.bench.cli", "benchmark MoE layers against dense and transformers baselines"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-smoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or only == name:
+            importlib.import_module(module_name).add_arguments(sp)
+        sp.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import only the chosen sub-command's module (argument parsing needs nothing else).
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(only=chosen)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    result = importlib.import_module(args._module).run(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
