@@ -1,0 +1,92 @@
+"""Model-level MoE operations: what a trainer or an analysis tool calls.
+
+The trainer calls `configure_moe_schedule` once before training and `moe_optimizer_step`
+after every optimizer step; per-step state (competition schedule position, ReMoE lambda,
+sigmoid bias) changes there and nowhere else, never inside forward.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .layer import MoELayer
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    """Every MoE layer of `model`, in module order, with its qualified name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def _routers_by_class(model: nn.Module) -> dict[type, list]:
+    groups: dict[type, list] = defaultdict(list)
+    for _, layer in moe_layers(model):
+        groups[type(layer.router)].append(layer.router)
+    return groups
+
+
+def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Aux losses of the last forward, coefficient-weighted and summed over layers by name."""
+    total: dict[str, torch.Tensor] = {}
+    for _, layer in moe_layers(model):
+        for name, value in layer.pop_aux_losses().items():
+            total[name] = total[name] + value if name in total else value
+    return total
+
+
+def configure_moe_schedule(model: nn.Module, total_steps: int) -> None:
+    """Tell routers the run's length (CompeteSMoE warm-up) and their order in the model."""
+    if total_steps < 0:
+        raise ValueError(f"total_steps must be >= 0, got {total_steps}")
+    for cls, routers in _routers_by_class(model).items():
+        cls.configure(routers, total_steps)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def moe_optimizer_step(model: nn.Module, step: int) -> None:
+    """Advance per-step MoE state; `step` = optimizer steps completed so far.
+
+    Every data-parallel rank must call it (ReMoE and sigmoid routers all-reduce their
+    measurements here, once per step).
+    """
+    for cls, routers in _routers_by_class(model).items():
+        cls.on_optimizer_step(routers, int(step), _all_reduce_sum)
+
+
+def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, dict]:
+    """Per-layer routing statistics accumulated since the last reset, plus an 'all' summary."""
+    out: dict[str, dict] = {}
+    for name, layer in moe_layers(model):
+        out[name] = layer.routing_stats(reset=reset)
+    if out:
+        summary: dict[str, float] = {}
+        for key in ("load_cv", "max_over_mean_load", "router_entropy_normalized", "competition_rate",
+                    "router_agreement", "sparsity", "l1_lambda"):
+            vals = [s[key] for s in out.values() if key in s]
+            if vals:
+                summary[key] = sum(vals) / len(vals)
+        summary["dead_experts"] = sum(s.get("dead_experts", 0) for s in out.values())
+        out["all"] = summary
+    return out
+
+
+@contextmanager
+def token_groups(model: nn.Module, groups: torch.Tensor | None):
+    """Label tokens (0 = text, 1 = image) for the forwards inside the block, for split statistics."""
+    layers = [layer for _, layer in moe_layers(model)]
+    for layer in layers:
+        layer.set_token_groups(groups)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_token_groups(None)

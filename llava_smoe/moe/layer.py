@@ -1,0 +1,85 @@
+"""The MoE layer: a drop-in replacement for a transformer FFN."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MoEConfig
+from .experts import HAS_GROUPED_MM, GroupedExperts
+from .routers import get_router_class
+from .routers.base import RouteCall
+
+
+class MoELayer(nn.Module):
+    """Router + batched experts (+ optional always-active shared experts).
+
+    `forward(x[..., D]) -> [..., D]` like the FFN it replaces. Aux losses of the last forward
+    are kept on the layer (an FFN's signature has no room for them) and taken with
+    `llava_smoe.moe.collect_aux_losses`.
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        hidden_size: int,
+        ffn_size: int,
+        ffn_kind: str = "swiglu",
+        activation: str = "silu",
+        bias: bool = False,
+        layer_idx: int = 0,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.hidden_size, self.ffn_size, self.layer_idx = hidden_size, ffn_size, layer_idx
+        self.experts = GroupedExperts(config.num_experts, hidden_size, ffn_size, ffn_kind, activation, bias)
+        self.router = get_router_class(config.router)(hidden_size, config, layer_idx)
+        self.shared_experts = (
+            GroupedExperts(config.num_shared_experts, hidden_size, ffn_size, ffn_kind, activation, bias)
+            if config.num_shared_experts
+            else None
+        )
+        self._aux: dict[str, torch.Tensor] = {}
+        self._token_groups_T: torch.Tensor | None = None
+
+    @property
+    def impl(self) -> str:
+        if self.config.dispatch == "auto":
+            return "grouped" if HAS_GROUPED_MM else "loop"
+        return self.config.dispatch
+
+    def set_token_groups(self, groups: torch.Tensor | None) -> None:
+        """Label the next forward's tokens (0 = text, 1 = image) for split routing statistics."""
+        self._token_groups_T = None if groups is None else groups.reshape(-1).long()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        D = x.shape[-1]
+        if D != self.hidden_size:
+            raise ValueError(f"MoELayer expects hidden size {self.hidden_size}, got input of shape {tuple(x.shape)}")
+        x_TD = x.reshape(-1, D)
+        groups = self._token_groups_T
+        if groups is not None and groups.numel() != x_TD.shape[0]:
+            groups = None  # labels were for another input (e.g. a cached decoding step)
+        call = RouteCall(impl=self.impl, batch_shape=tuple(x.shape[:-1]), token_groups_T=groups)
+        y_TD, aux = self.router(x_TD, self.experts, call)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts.forward_all(x_TD).sum(1)
+        # Overwritten, not accumulated: a recomputation under activation checkpointing must not
+        # add a stale copy to the next step's losses.
+        self._aux = aux
+        return y_TD.reshape(x.shape).to(x.dtype)
+
+    def pop_aux_losses(self) -> dict[str, torch.Tensor]:
+        aux, self._aux = self._aux, {}
+        return aux
+
+    def routing_stats(self, reset: bool = True) -> dict:
+        out = self.router.stats.summary()
+        out.update(self.router.extra_stats())
+        if reset:
+            self.router.stats.reset()
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"router={c.router}, num_experts={c.num_experts}, top_k={c.top_k}, shared={c.num_shared_experts}"

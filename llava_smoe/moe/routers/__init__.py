@@ -1,0 +1,45 @@
+"""Router registry: one module per router, each registering its class under a name.
+
+Adding a router is adding one file here that defines a `Router` subclass decorated with
+`@register_router("name")` (and listing the module in `_BUILTIN`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_REGISTRY: dict[str, type] = {}
+_BUILTIN = ("smoe", "competesmoe", "remoe", "mot", "xmoe", "sigmoid")
+_loaded = False
+
+
+def register_router(name: str):
+    def deco(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"router name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for mod in _BUILTIN:
+            importlib.import_module(f"{__name__}.{mod}")
+
+
+def get_router_class(name: str) -> type:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown router {name!r}; registered routers: {sorted(_REGISTRY)}") from None
+
+
+def available_routers() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)

@@ -1,0 +1,176 @@
+"""CompeteSMoE: competition between experts, with a router distilled to imitate it.
+
+On scheduled training steps every expert runs on every token (each exactly once); tokens go to
+the k experts with the highest neural response, and the router learns only from a distillation
+loss towards the competition's distribution. On all other steps, and always under no_grad or at
+inference, the layer is a plain SMoE driven by the router.
+
+The schedule is a pure function of (seed, optimizer step, layer): no per-run buffer and no
+broadcast, so every micro-batch of a step and every data-parallel rank agrees, and a resumed or
+lengthened run keeps it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_router
+from .base import RouteCall, RouterOptions, balance_loss, router_options, softmax_topk_gate
+from .smoe import SMoERouter
+
+_MASK64 = (1 << 64) - 1
+AFFINITIES = ("softplus", "l2")
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def schedule_uniform(seed: int, step: int, layer: int) -> float:
+    """A uniform draw in [0, 1) determined by (seed, step, layer) alone."""
+    x = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) ^ (layer & _MASK64))
+    return (x >> 11) / float(1 << 53)
+
+
+def competing_layers(
+    seed: int, step: int, num_layers: int, total_steps: int, warmup_fraction: float, prob: float, max_layers: int
+) -> list[int]:
+    """Indices of the layers that compete on `step` (0-based optimizer step)."""
+    if step < warmup_fraction * total_steps:
+        return []
+    draws = [(schedule_uniform(seed, step, layer), layer) for layer in range(num_layers)]
+    winners = sorted(d for d in draws if d[0] < prob)[:max_layers]  # the cap keeps the lowest draws
+    return sorted(layer for _, layer in winners)
+
+
+@router_options
+class CompeteSMoEOptions(RouterOptions):
+    distill_coef: float = 0.01
+    diversity_coef: float = 0.01
+    competition_balance_coef: float = 0.01
+    hybrid_coef: float = 0.0
+    affinity: str = "softplus"  # "softplus": mean_d softplus(Y); "l2": ||Y||_2 (2024 version)
+    warmup_fraction: float = 0.05
+    competition_prob: float = 0.05
+    max_competing_layers: int = 3
+    seed: int = 0
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        if self.affinity not in AFFINITIES:
+            raise ValueError(f"competesmoe affinity must be one of {AFFINITIES}, got {self.affinity!r}")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            raise ValueError(f"competesmoe warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if not 0.0 <= self.competition_prob <= 1.0:
+            raise ValueError(f"competesmoe competition_prob must be in [0, 1], got {self.competition_prob}")
+        if not isinstance(self.max_competing_layers, int) or self.max_competing_layers < 0:
+            raise ValueError(f"competesmoe max_competing_layers must be an integer >= 0, got {self.max_competing_layers}")
+        if config.top_k < 2 and self.diversity_coef > 0:
+            raise ValueError("competesmoe diversity_coef needs top_k >= 2 (it compares pairs of selected experts); set it to 0")
+
+
+@register_router("competesmoe")
+class CompeteSMoERouter(SMoERouter):
+    Options = CompeteSMoEOptions
+
+    def __init__(self, hidden_size, config, layer_idx=0):
+        super().__init__(hidden_size, config, layer_idx)
+        # Persistent so a checkpoint carries the schedule position; set only by the step hooks.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
+        self.schedule_index = -1  # position among the model's competing layers; set by configure()
+        self.schedule_size = 0
+        self._host_step: int | None = None  # host mirror of `step` so forward never syncs
+        self._host_total = 0
+        self._decision: tuple[int, bool] | None = None  # (step, competes) cache
+
+    # -- schedule ------------------------------------------------------------------------------
+    @classmethod
+    def configure(cls, routers, total_steps):
+        for i, r in enumerate(routers):
+            r.schedule_index, r.schedule_size = i, len(routers)
+            r.total_steps.fill_(int(total_steps))
+            r._host_step = None
+            r._host_total = int(total_steps)
+
+    @classmethod
+    def on_optimizer_step(cls, routers, step, reduce):
+        for r in routers:
+            r.step.fill_(int(step))
+            r._host_step = int(step)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_step = None
+
+    def competes_now(self) -> bool:
+        if self.schedule_index < 0:
+            raise RuntimeError(
+                "CompeteSMoE router is training but its schedule is not configured: call "
+                "llava_smoe.moe.configure_moe_schedule(model, total_steps) before training"
+            )
+        if self._host_step is None:  # once after (re)loading: a single read of the buffer
+            self._host_step = int(self.step.item())
+        if self._decision is None or self._decision[0] != self._host_step:
+            o = self.opts
+            layers = competing_layers(
+                o.seed, self._host_step, self.schedule_size, self._host_total,
+                o.warmup_fraction, o.competition_prob, o.max_competing_layers,
+            )
+            self._decision = (self._host_step, self.schedule_index in layers)
+        return self._decision[1]
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x_TD, experts, call: RouteCall):
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x_TD, experts, call)
+        self.stats.add("train_forwards", torch.ones((), device=x_TD.device))
+        if not self.competes_now():
+            return super().forward(x_TD, experts, call)
+        self.stats.add("competition_forwards", torch.ones((), device=x_TD.device))
+        return self._compete(x_TD, experts, call)
+
+    def _compete(self, x_TD, experts, call: RouteCall):
+        o, K = self.opts, self.top_k
+        y_TED = experts.forward_all(x_TD)  # every expert once: E evaluations, reused below
+        if o.affinity == "softplus":
+            affinity_TE = F.softplus(y_TED.float()).mean(-1)
+        else:
+            affinity_TE = y_TED.float().norm(dim=-1)
+        top_a_TK, idx_TK = affinity_TE.topk(K, dim=-1)
+        weights_TK = top_a_TK / top_a_TK.sum(-1, keepdim=True).clamp_min(1e-12)
+        D = y_TED.shape[-1]
+        y_TKD = y_TED.gather(1, idx_TK.unsqueeze(-1).expand(-1, -1, D))
+        out_TD = (weights_TK.unsqueeze(-1).to(y_TKD.dtype) * y_TKD).sum(1)
+
+        # The router learns to imitate competition; its logits do not enter the output.
+        logits_TE = self.logits(x_TD)
+        router_probs_TE = F.softmax(logits_TE, dim=-1)
+        target_TE = F.softmax(affinity_TE, dim=-1)
+        aux = {"distill": o.distill_coef * F.mse_loss(router_probs_TE, target_TE.detach())}
+        if o.hybrid_coef:
+            aux["hybrid"] = o.hybrid_coef * F.mse_loss(
+                router_probs_TE.gather(1, idx_TK), target_TE.detach().gather(1, idx_TK)
+            )
+        if o.diversity_coef and K > 1:
+            unit_TKD = F.normalize(y_TKD.float(), dim=-1)
+            sim_TKK = unit_TKD @ unit_TKD.transpose(1, 2)
+            i, j = torch.triu_indices(K, K, offset=1, device=x_TD.device)
+            aux["diversity"] = o.diversity_coef * sim_TKK[:, i, j].mean()
+        if o.competition_balance_coef:
+            aux["balance"] = o.competition_balance_coef * balance_loss(target_TE, idx_TK)
+
+        token_P = torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(K)
+        self.record_assignment(idx_TK.reshape(-1), token_P, call)
+        self.record_entropy(router_probs_TE)
+        with torch.no_grad():
+            _, router_idx_TK, _ = softmax_topk_gate(logits_TE, K)
+            agree_T = (router_idx_TK.unsqueeze(-1) == idx_TK.unsqueeze(1)).any(-1).float().mean(-1)
+            self.stats.add("agreement_sum", agree_T.sum())
+            self.stats.add("agreement_tokens", torch.tensor(float(agree_T.shape[0]), device=x_TD.device))
+        return out_TD, aux
