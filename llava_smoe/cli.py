@@ -13,6 +13,8 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("llava_smoe.bench.cli", "benchmark MoE layers against dense and transformers baselines"),
+    "train": ("llava_smoe.training.cli", "train from a YAML recipe with dotted overrides (torch or DeepSpeed back end)"),
+    "data": ("llava_smoe.data.cli", "generate the synthetic shapes-world dataset; check a LLaVA dataset"),
 }
 
 

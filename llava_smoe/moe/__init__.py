@@ -1,6 +1,7 @@
 """The MoE core: batched experts, a router registry, the MoE layer, upcycling and step hooks."""
 
 from .api import (
+    convert_mot_to_token_choice,
     collect_aux_losses,
     configure_moe_schedule,
     moe_layers,
@@ -21,6 +22,7 @@ __all__ = [
     "available_routers",
     "collect_aux_losses",
     "configure_moe_schedule",
+    "convert_mot_to_token_choice",
     "dispatch_pairs",
     "get_router_class",
     "moe_layers",

@@ -90,3 +90,24 @@ def token_groups(model: nn.Module, groups: torch.Tensor | None):
     finally:
         for layer in layers:
             layer.set_token_groups(None)
+
+
+def convert_mot_to_token_choice(model: nn.Module, router: str = "smoe", top_k: int | None = None) -> int:
+    """Turn every Mixture-of-Tokens layer into token-choice sparse routing, in place.
+
+    The new router's logits start as the trained controller's, the experts are kept; a short
+    fine-tune ("transition tuning") then adapts the model to per-token routing so requests are
+    never mixed at inference. Returns the number of converted layers.
+    """
+    from dataclasses import replace
+
+    from .routers.mot import MoTRouter
+
+    converted = 0
+    for _, layer in moe_layers(model):
+        if isinstance(layer.router, MoTRouter):
+            config = replace(layer.config, router=router, router_options={}, top_k=top_k or layer.config.top_k)
+            layer.router = layer.router.to_token_choice_router(config)
+            layer.config = config
+            converted += 1
+    return converted

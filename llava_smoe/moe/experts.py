@@ -26,6 +26,15 @@ _ACTIVATIONS = {
 }
 
 HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm_supported(dtype: torch.dtype, *dims: int) -> bool:
+    """grouped_mm takes fp32/bf16/fp16 with every row stride a multiple of 16 bytes."""
+    if not HAS_GROUPED_MM or dtype not in GROUPED_MM_DTYPES:
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return all((d * itemsize) % 16 == 0 for d in dims)
 
 
 def activation_fn(name: str):
@@ -106,16 +115,18 @@ class GroupedExperts(nn.Module):
             return self.act(gate) * up
         return self.act(h)
 
-    def _in_weight(self) -> torch.Tensor:
+    @property
+    def w_in(self) -> torch.Tensor:
         return self.w_gate_up_EDF2 if self.ffn_kind == "swiglu" else self.w_fc1_EDF
 
-    def _out_weight(self) -> torch.Tensor:
+    @property
+    def w_out(self) -> torch.Tensor:
         return self.w_down_EFD if self.ffn_kind == "swiglu" else self.w_fc2_EFD
 
     # -- tokens already sorted by expert ---------------------------------------------------------
     def forward_sorted(self, x_PD: torch.Tensor, counts_E: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
         """Run each expert on its contiguous slice of `x_PD` (`counts_E[e]` rows for expert e)."""
-        w_in, w_out = self._in_weight(), self._out_weight()
+        w_in, w_out = self.w_in, self.w_out
         x_PD = x_PD.to(w_in.dtype)
         if impl == "grouped":
             offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -138,7 +149,7 @@ class GroupedExperts(nn.Module):
     # -- every expert on its own batch of rows ---------------------------------------------------
     def forward_batched(self, x_END: torch.Tensor) -> torch.Tensor:
         """Expert e runs on `x_END[e]`: a plain batched matmul (used by competition and MoT)."""
-        w_in, w_out = self._in_weight(), self._out_weight()
+        w_in, w_out = self.w_in, self.w_out
         h_ENF = torch.bmm(x_END.to(w_in.dtype), w_in)
         if self.bias:
             h_ENF = h_ENF + self.b_fc1_EF[:, None, :]
@@ -154,10 +165,10 @@ class GroupedExperts(nn.Module):
 
     def forward_expert(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
         """One expert alone, written out plainly: the reference the fast paths are tested against."""
-        h = x_ND.to(self._in_weight().dtype) @ self._in_weight()[e]
+        h = x_ND.to(self.w_in.dtype) @ self.w_in[e]
         if self.bias:
             h = h + self.b_fc1_EF[e]
-        y = self._hidden(h) @ self._out_weight()[e]
+        y = self._hidden(h) @ self.w_out[e]
         if self.bias:
             y = y + self.b_fc2_ED[e]
         return y

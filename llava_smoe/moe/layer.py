@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import MoEConfig
-from .experts import HAS_GROUPED_MM, GroupedExperts
+from .experts import GroupedExperts, grouped_mm_supported
 from .routers import get_router_class
 from .routers.base import RouteCall
 
@@ -45,7 +45,7 @@ class MoELayer(nn.Module):
     @property
     def impl(self) -> str:
         if self.config.dispatch == "auto":
-            return "grouped" if HAS_GROUPED_MM else "loop"
+            return "grouped" if grouped_mm_supported(self.experts.w_in.dtype, self.hidden_size, self.ffn_size) else "loop"
         return self.config.dispatch
 
     def set_token_groups(self, groups: torch.Tensor | None) -> None:

@@ -128,6 +128,11 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, experts: GroupedExperts, call: RouteCall):
         raise NotImplementedError
 
+    @property
+    def learning(self) -> bool:
+        """Aux losses and per-step measurements exist only while training with gradients."""
+        return self.training and torch.is_grad_enabled()
+
     # Per-optimizer-step state (schedules, adaptive coefficients, biases) changes only here.
     @classmethod
     def on_optimizer_step(cls, routers: list["Router"], step: int, reduce: Reduce) -> None:

@@ -127,7 +127,7 @@ class CompeteSMoERouter(SMoERouter):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x_TD, experts, call: RouteCall):
-        if not (self.training and torch.is_grad_enabled()):
+        if not self.learning:
             return super().forward(x_TD, experts, call)
         self.stats.add("train_forwards", torch.ones((), device=x_TD.device))
         if not self.competes_now():

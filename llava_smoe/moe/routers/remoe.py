@@ -61,7 +61,7 @@ class ReMoERouter(Router):
         y_TD = dispatch_pairs(experts, x_TD, token_P, expert_P, gates_TE[token_P, expert_P], call.impl)
 
         aux = {}
-        if torch.is_grad_enabled() and self.training:
+        if self.learning:
             counts_E = active_TE.sum(0).to(gates_TE.dtype)
             f_E = E * counts_E / (K * max(T, 1))  # load share, no gradient
             aux["l1"] = self.l1_lambda * (gates_TE * f_E).sum() / max(T, 1)

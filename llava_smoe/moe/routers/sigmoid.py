@@ -52,7 +52,7 @@ class SigmoidRouter(TokenChoiceRouter):
         weights_TK = self.opts.scale * chosen_TK / chosen_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         aux = {}
-        if torch.is_grad_enabled() and self.training:
+        if self.learning:
             load_E = torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts).to(torch.float64)
             self._pending_load_E = load_E if self._pending_load_E is None else self._pending_load_E + load_E
             if self.opts.balance_coef:

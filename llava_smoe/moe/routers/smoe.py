@@ -24,7 +24,7 @@ class SMoERouter(TokenChoiceRouter):
         logits_TE = self.logits(x_TD)
         probs_TE, idx_TK, weights_TK = softmax_topk_gate(logits_TE, self.top_k)
         aux = {}
-        if torch.is_grad_enabled():
+        if self.learning:
             if self.opts.balance_coef:
                 aux["balance"] = self.opts.balance_coef * balance_loss(probs_TE, idx_TK)
             if self.opts.z_loss_coef:

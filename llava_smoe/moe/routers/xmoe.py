@@ -48,8 +48,8 @@ class XMoERouter(TokenChoiceRouter):
         logits_TE = self.logits(x_TD)
         probs_TE, idx_TK, weights_TK = softmax_topk_gate(logits_TE, self.top_k)
         aux = {}
-        if torch.is_grad_enabled() and self.opts.balance_coef:
+        if self.learning and self.opts.balance_coef:
             aux["balance"] = self.opts.balance_coef * balance_loss(probs_TE, idx_TK)
-        if torch.is_grad_enabled() and self.opts.z_loss_coef:
+        if self.learning and self.opts.z_loss_coef:
             aux["z_loss"] = self.opts.z_loss_coef * z_loss(logits_TE)
         return Gate(idx_TK, weights_TK, probs_TE, aux)

@@ -1,0 +1,163 @@
+"""A map-style dataset over LLaVA records, with an explicit bad-sample policy.
+
+How skipping works (policy "skip"):
+1. At construction a cheap pass checks every record's structure and that its image file exists
+   (no image decoding, no tokenisation). Bad records are left out of the index and counted in
+   `dataset.skip_stats`; the sampler never sees them.
+2. Problems that need the real work (an image that does not decode, a sample longer than
+   `max_length`) are found in `__getitem__`, possibly inside a DataLoader worker. There the
+   dataset returns a `SkippedSample`, which `DataCollator` drops and counts in the batch under
+   `"skipped"` ({reason: count}), so counts reach the training process whatever the number of
+   workers. A batch may therefore hold fewer samples than asked (or none).
+The first skips of each reason (per process) are logged with the record's file, index and id. Policy "error" raises
+`BadSampleError` at the first bad record instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from llava_smoe.data.records import (
+    BAD_SAMPLE_POLICIES,
+    BadSampleError,
+    SkipStats,
+    check_record,
+    load_records,
+)
+from llava_smoe.processing.images import load_image
+from llava_smoe.processing.processor import LlavaSmoeProcessor
+
+logger = logging.getLogger(__name__)
+LOGGED_PER_REASON = 10
+
+
+@dataclass
+class DataConfig:
+    """One dataset: a LLaVA JSON/JSONL file, the folder its image paths are relative to, the
+    longest sample allowed (in tokens, image tokens included) and what to do with bad samples."""
+
+    data_path: str
+    image_folder: str | None = None
+    max_length: int = 2048
+    on_bad_sample: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {self.on_bad_sample!r}")
+        if not isinstance(self.max_length, int) or self.max_length <= 0:
+            raise ValueError(f"max_length must be a positive int, got {self.max_length!r}")
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """Returned by `LlavaDataset.__getitem__` under policy 'skip' in place of a bad sample."""
+
+    reason: str
+    index: int
+    record_id: Any
+
+
+class LlavaDataset(Dataset):
+    """Samples {"input_ids", "labels", "image" (Tensor[3,S,S] or None), "has_image", "index"}.
+
+    Records are kept as read (a JSONL file only as line offsets); tokenisation and image
+    decoding happen per item. `lengths` / `has_image` (one entry per valid sample) feed
+    `ModalityLengthGroupedSampler`; lengths are estimates (words + image tokens)."""
+
+    def __init__(self, config: DataConfig, processor: LlavaSmoeProcessor):
+        self.config = config
+        self.processor = processor
+        self.records = load_records(config.data_path)
+        self.skip_stats = SkipStats()
+        self._logged: Counter[str] = Counter()
+        self._index: list[int] = []  # dataset position -> record index
+        self.lengths: list[int] = []
+        self.has_image: list[bool] = []
+        for i in range(len(self.records)):
+            try:
+                info = self._check(i)
+            except BadSampleError as e:
+                self.skip_stats.add(self._handle(e).reason)
+                continue
+            self._index.append(i)
+            self.has_image.append(info.has_image)
+            words = sum(len(m.content.split()) for m in info.messages)
+            self.lengths.append(words + (processor.num_image_tokens if info.has_image else 0))
+        if self.skip_stats.total:
+            logger.warning(
+                "%s: skipped %d of %d records while indexing: %s",
+                config.data_path, self.skip_stats.total, len(self.records), self.skip_stats.as_dict(),
+            )
+
+    def _check(self, record_index: int):
+        return check_record(
+            self.records[record_index],
+            record_index,
+            source=self.config.data_path,
+            image_folder=self.config.image_folder,
+            image_token=self.processor.image_token,
+        )
+
+    def _handle(self, error: BadSampleError) -> SkippedSample:
+        if self.config.on_bad_sample == "error":
+            raise error
+        # Name the first few of each reason; after that the counts tell the story.
+        self._logged[error.reason] += 1
+        level = logging.WARNING if self._logged[error.reason] <= LOGGED_PER_REASON else logging.DEBUG
+        logger.log(level, "skipping sample: %s", error)
+        return SkippedSample(error.reason, error.index, error.record_id)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | SkippedSample:
+        record_index = self._index[i]
+        try:
+            return self._build(record_index)
+        except BadSampleError as e:
+            return self._handle(e)
+
+    def _build(self, record_index: int) -> dict[str, Any]:
+        info = self._check(record_index)
+        source = self.config.data_path
+        encoded = self.processor.encode_conversation(info.messages, has_image=info.has_image)
+        length = encoded["input_ids"].numel()
+        if length > self.config.max_length:
+            raise BadSampleError(
+                "too_long",
+                f"sample is {length} tokens, longer than max_length={self.config.max_length}",
+                source=source, index=record_index, record_id=info.record_id,
+            )
+        image = None
+        if info.image_path is not None:
+            try:
+                pil = load_image(info.image_path)
+            except Exception as e:  # PIL raises several unrelated types for bad files
+                raise BadSampleError(
+                    "unreadable_image", f"cannot decode image {info.image_path}: {e}",
+                    source=source, index=record_index, record_id=info.record_id,
+                ) from e
+            image = self.processor.preprocess_images([pil])[0]
+        return {
+            "input_ids": encoded["input_ids"],
+            "labels": encoded["labels"],
+            "image": image,
+            "has_image": image is not None,
+            "index": record_index,
+        }
+
+    def validate(self) -> SkipStats:
+        """Build every sample once (decode images, tokenise, check lengths) and return the counts
+        of bad ones by reason (indexing-time skips included); raises at the first under policy
+        'error'. A pre-flight check."""
+        stats = self.skip_stats.copy()
+        for i in range(len(self)):
+            sample = self[i]
+            if isinstance(sample, SkippedSample):
+                stats.add(sample.reason)
+        return stats

@@ -1,0 +1,268 @@
+"""The shapes world: a synthetic LLaVA dataset a tiny model can learn in CPU minutes.
+
+Images hold 1-3 shapes (circle / square / triangle) in distinct cells of a 2x2 grid, coloured
+from a 4-colour palette, on a plain background. Questions have single-word answers drawn from a
+~20-word vocabulary and are balanced by construction (colour, shape, count, presence, side), so
+answering without looking ("blind") scores near chance while a model that sees the image can
+reach near-perfect exact match.
+
+Splits: every scene layout (which shape of which colour in which cell) belongs to exactly one
+of train / val / test through a seeded hash, so test images are unseen layouts, not just new
+pixels. Scenes containing a held-out (colour, shape) combination appear only in the extra
+`instruct_heldout.json` split: a compositional-generalisation probe. Text-only samples (facts
+about shapes, no image) appear only in training, to exercise mixed batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 90, 220),
+    "yellow": (235, 200, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+CELLS = ("top left", "top right", "bottom left", "bottom right")  # row-major 2x2 grid
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+BACKGROUND = (245, 245, 245)
+SUPERSAMPLE = 4  # draw large, then downsample: clean edges at 32 px
+PRETRAIN_PROMPT = "<image>\nDescribe the image."
+SPLITS = ("train", "val", "test")
+SHAPE_FACTS = [
+    ("How many sides does a triangle have?", "three"),
+    ("How many sides does a square have?", "four"),
+    ("How many sides does a circle have?", "zero"),
+    ("Which shape has three sides?", "triangle"),
+    ("Which shape has four sides?", "square"),
+    ("Which shape is round?", "circle"),
+]
+
+Obj = tuple[int, str, str]  # (cell, colour, shape)
+
+
+@dataclass
+class ShapesWorldConfig:
+    seed: int = 0
+    num_train: int = 2000
+    num_val: int = 200
+    num_test: int = 200
+    num_heldout: int = 100
+    image_size: int = 32
+    max_shapes: int = 3
+    max_turns: int = 3
+    text_only_fraction: float = 0.05
+    holdout_combos: list[tuple[str, str]] = field(default_factory=lambda: [("yellow", "triangle")])
+    vocab_size: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("num_train", "num_val", "num_test", "num_heldout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_train == 0:
+            raise ValueError("num_train must be > 0 (the tokenizer is trained on the training text)")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16 pixels for shapes to stay recognisable, got {self.image_size}")
+        if not 1 <= self.max_shapes <= len(CELLS):
+            raise ValueError(f"max_shapes must be in [1, {len(CELLS)}], got {self.max_shapes}")
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        if not 0.0 <= self.text_only_fraction < 1.0:
+            raise ValueError(f"text_only_fraction must be in [0, 1), got {self.text_only_fraction}")
+        self.holdout_combos = [tuple(c) for c in self.holdout_combos]
+        for color, shape in self.holdout_combos:
+            if color not in COLORS or shape not in SHAPES:
+                raise ValueError(f"held-out combination ({color!r}, {shape!r}) must use colours {list(COLORS)} and shapes {SHAPES}")
+        if len(self.holdout_combos) >= len(COLORS) * len(SHAPES) - 1:
+            raise ValueError("holding out that many combinations leaves too few to train on")
+        if self.num_heldout and not self.holdout_combos:
+            raise ValueError("num_heldout > 0 needs at least one held-out (colour, shape) combination")
+
+
+def scene_key(scene: list[Obj]) -> str:
+    return "|".join(f"{cell}:{color}:{shape}" for cell, color, shape in sorted(scene))
+
+
+def split_of(scene: list[Obj], seed: int) -> str:
+    """Seeded hash partition of scene layouts: ~10% test, ~10% val, the rest train."""
+    bucket = int(hashlib.sha256(f"{seed}|{scene_key(scene)}".encode()).hexdigest()[:8], 16) % 10
+    return "test" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
+def sample_scene(rng: random.Random, split: str, config: ShapesWorldConfig) -> list[Obj]:
+    held = set(config.holdout_combos)
+    n = rng.randint(1, config.max_shapes)  # drawn once so counts stay balanced under rejection
+    for _ in range(100_000):
+        cells = sorted(rng.sample(range(len(CELLS)), n))
+        scene = [(c, rng.choice(list(COLORS)), rng.choice(SHAPES)) for c in cells]
+        has_held = any((color, shape) in held for _, color, shape in scene)
+        if split == "heldout":
+            if has_held:
+                return scene
+        elif not has_held and split_of(scene, config.seed) == split:
+            return scene
+    raise RuntimeError(f"could not draw a {n}-shape scene for split {split!r}; use more shapes or another seed")
+
+
+def render_scene(scene: list[Obj], image_size: int, rng: random.Random) -> Image.Image:
+    side = image_size * SUPERSAMPLE
+    cell = side / 2
+    canvas = Image.new("RGB", (side, side), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for c, color, shape in scene:
+        row, col = divmod(c, 2)
+        size = cell * rng.uniform(0.55, 0.8)
+        slack = cell - size
+        x0 = col * cell + rng.uniform(0.25, 0.75) * slack
+        y0 = row * cell + rng.uniform(0.25, 0.75) * slack
+        box = (x0, y0, x0 + size, y0 + size)
+        fill = COLORS[color]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0 + size / 2, y0), (x0 + size, y0 + size), (x0, y0 + size)], fill=fill)
+    return canvas.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def describe(scene: list[Obj]) -> str:
+    parts = [f"a {color} {shape} in the {CELLS[c]}" for c, color, shape in sorted(scene)]
+    if len(parts) == 1:
+        return f"There is {parts[0]}."
+    listed = ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"There are {NUMBERS[len(parts)]} shapes: {listed}."
+
+
+def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str) -> list[tuple[str, str, str]]:
+    """One (question, answer, type) per applicable question type for this scene."""
+    held = set(config.holdout_combos) if split != "heldout" else set()
+    shape_counts = Counter(s for _, _, s in scene)
+    color_counts = Counter(c for _, c, _ in scene)
+    combo_counts = Counter((c, s) for _, c, s in scene)
+    out = [("How many shapes are there?", NUMBERS[len(scene)], "count")]
+    unique_shapes = [o for o in scene if shape_counts[o[2]] == 1]
+    if unique_shapes:
+        _, color, shape = rng.choice(unique_shapes)
+        out.append((f"What color is the {shape}?", color, "color_of_shape"))
+    unique_colors = [o for o in scene if color_counts[o[1]] == 1]
+    if unique_colors:
+        _, color, shape = rng.choice(unique_colors)
+        out.append((f"What shape is the {color} object?", shape, "shape_of_color"))
+    c, color, shape = rng.choice(scene)
+    out.append((f"What shape is in the {CELLS[c]}?", shape, "shape_at"))
+    c, color, shape = rng.choice(scene)
+    out.append((f"What color is the shape in the {CELLS[c]}?", color, "color_at"))
+    if rng.random() < 0.5:
+        _, color, shape = rng.choice(scene)
+        out.append((f"Is there a {color} {shape}?", "yes", "exists"))
+    else:
+        absent = [(c_, s_) for c_ in COLORS for s_ in SHAPES if (c_, s_) not in combo_counts and (c_, s_) not in held]
+        color, shape = rng.choice(absent)
+        out.append((f"Is there a {color} {shape}?", "no", "exists"))
+    unique_combos = [o for o in scene if combo_counts[(o[1], o[2])] == 1]
+    if unique_combos:
+        c, color, shape = rng.choice(unique_combos)
+        row, col = divmod(c, 2)
+        if rng.random() < 0.5:
+            out.append((f"Is the {color} {shape} on the left or the right?", "left" if col == 0 else "right", "side"))
+        else:
+            out.append((f"Is the {color} {shape} at the top or the bottom?", "top" if row == 0 else "bottom", "side"))
+    return out
+
+
+def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str) -> tuple[list[dict], list[str]]:
+    candidates = candidate_questions(scene, rng, config, split)
+    turns = rng.sample(candidates, min(rng.randint(1, config.max_turns), len(candidates)))
+    conversation: list[dict] = []
+    for k, (question, answer, _) in enumerate(turns):
+        conversation.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
+        conversation.append({"from": "gpt", "value": answer})
+    return conversation, [t for _, _, t in turns]
+
+
+def _split_seed(seed: int, split: str) -> int:
+    return int(hashlib.sha256(f"{seed}/{split}".encode()).hexdigest()[:12], 16)
+
+
+def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
+    """Write the dataset under `out_dir`; return the manifest (also written as manifest.json)."""
+    from llava_smoe.processing.tokenizer import train_bpe_tokenizer
+
+    counts = {"train": config.num_train, "val": config.num_val, "test": config.num_test, "heldout": config.num_heldout}
+    files: dict[str, list[dict]] = {"pretrain": [], "instruct_train": [], "instruct_val": [], "instruct_test": [], "instruct_heldout": []}
+    answers: dict[str, Counter] = {}
+    types: dict[str, Counter] = {}
+    text_lines: list[str] = []
+    for split, n in counts.items():
+        rng = random.Random(_split_seed(config.seed, split))
+        os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
+        answers[split], types[split] = Counter(), Counter()
+        for i in range(n):
+            scene = sample_scene(rng, split, config)
+            rel = f"{split}/{i:06d}.png"
+            render_scene(scene, config.image_size, rng).save(os.path.join(out_dir, "images", rel))
+            conversation, qtypes = make_conversation(scene, rng, config, split)
+            meta = {"scene": scene_key(scene), "types": qtypes}
+            files[f"instruct_{split}"].append({"id": f"{split}-{i:06d}", "image": rel, "conversations": conversation, "meta": meta})
+            answers[split].update(t["value"] for t in conversation if t["from"] == "gpt")
+            types[split].update(qtypes)
+            if split == "train":
+                caption = describe(scene)
+                files["pretrain"].append({
+                    "id": f"pretrain-{i:06d}",
+                    "image": rel,
+                    "conversations": [{"from": "human", "value": PRETRAIN_PROMPT}, {"from": "gpt", "value": caption}],
+                })
+                text_lines.append(caption)
+                text_lines += [f"{q['value'].replace('<image>', '').strip()} {a['value']}" for q, a in zip(conversation[::2], conversation[1::2])]
+    for j in range(round(config.num_train * config.text_only_fraction)):
+        rng = random.Random(_split_seed(config.seed, f"text-{j}"))
+        question, answer = rng.choice(SHAPE_FACTS)
+        files["instruct_train"].append({
+            "id": f"text-{j:06d}",
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+        })
+        text_lines.append(f"{question} {answer}")
+    # Text-only samples go in deterministic positions among the image samples.
+    random.Random(_split_seed(config.seed, "mix")).shuffle(files["instruct_train"])
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name, records in files.items():
+        _write_json(os.path.join(out_dir, f"{name}.json"), records)
+    with open(os.path.join(out_dir, "text.txt"), "w") as f:
+        f.write("\n".join(text_lines) + "\n")
+    # Answers also start a line (chat templates put them right after a newline), so each one
+    # becomes a token both with and without a leading space.
+    answer_words = sorted({a for c in answers.values() for a in c} | {a for _, a in SHAPE_FACTS})
+    tokenizer = train_bpe_tokenizer(iter(text_lines + answer_words * 4), vocab_size=config.vocab_size)
+    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+
+    manifest = {
+        "dataset": "shapes_world",
+        "config": {**asdict(config), "holdout_combos": [list(c) for c in config.holdout_combos]},
+        "image_folder": "images",
+        "tokenizer": "tokenizer",
+        "counts": {name: len(records) for name, records in files.items()} | {"text_lines": len(text_lines)},
+        "answer_counts": {s: dict(sorted(c.items())) for s, c in answers.items()},
+        "question_types": {s: dict(sorted(c.items())) for s, c in types.items()},
+        "colors": list(COLORS),
+        "shapes": list(SHAPES),
+        "cells": list(CELLS),
+    }
+    _write_json(os.path.join(out_dir, "manifest.json"), manifest)
+    return manifest
+
+
+def _write_json(path: str, obj: object) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+

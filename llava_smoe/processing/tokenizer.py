@@ -1,0 +1,93 @@
+"""Small byte-level BPE tokenizers trained locally, and special-token bookkeeping."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from llava_smoe.processing.templates import BUILTIN_TEMPLATES
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+# ChatML as a Jinja template, so a locally trained tokenizer also exercises the
+# "tokenizer's own chat template" path.
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def template_control_tokens() -> list[str]:
+    """Every control token the built-in chat templates use."""
+    tokens: list[str] = []
+    for template in BUILTIN_TEMPLATES.values():
+        tokens.extend(t for t in template.control_tokens if t not in tokens)
+    return tokens
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    *,
+    image_token: str = DEFAULT_IMAGE_TOKEN,
+    extra_special_tokens: Iterable[str] = (),
+    chat_template: str | None = CHATML_JINJA,
+    min_frequency: int = 2,
+) -> Any:
+    """Train a byte-level BPE on `texts` and wrap it as a transformers fast tokenizer.
+
+    Special tokens: `<pad>` (0), `<s>` (1), `</s>` (2), the image token, the built-in templates'
+    control tokens and `extra_special_tokens`. The result round-trips through
+    `save_pretrained` / `AutoTokenizer.from_pretrained`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    extras = [image_token, *template_control_tokens()]
+    extras += [t for t in extra_special_tokens if t not in extras]
+    specials = [PAD, BOS, EOS, *extras]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 byte tokens plus "
+            f"{len(specials)} special tokens; use at least {256 + len(specials) + 1}"
+        )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        extra_special_tokens=extras,
+    )
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def ensure_special_tokens(tokenizer: Any, tokens: Iterable[str]) -> list[str]:
+    """Add each token the tokenizer does not already know as a single special token; return
+    those added (the model's embedding table must grow by that many rows)."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in dict.fromkeys(tokens) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    for t in tokens:
+        ids = tokenizer.encode(t, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"token {t!r} should encode to one id but encodes to {ids}")
+    return missing

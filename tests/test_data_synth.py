@@ -1,0 +1,110 @@
+import hashlib
+import json
+from collections import Counter, defaultdict
+
+import pytest
+
+from llava_smoe.cli import main as cli_main
+from llava_smoe.data import DataConfig, LlavaDataset, ShapesWorldConfig, generate_shapes_world
+from llava_smoe.data.synth import COLORS, SHAPES
+from llava_smoe.processing import LlavaSmoeProcessor, ProcessorConfig
+
+SMALL = dict(num_train=300, num_val=40, num_test=60, num_heldout=20, image_size=32)
+
+
+def digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    assert cli_main(["data", "synth", "--out", str(out), "--seed", "0", "--num-train", "300", "--num-val", "40",
+                     "--num-test", "60", "--num-heldout", "20", "--image-size", "32"]) == 0
+    return out
+
+
+def load(world, name):
+    return json.loads((world / f"{name}.json").read_text())
+
+
+def test_same_seed_gives_identical_files(world, tmp_path):
+    generate_shapes_world(ShapesWorldConfig(seed=0, **SMALL), str(tmp_path / "again"))
+    assert digest(world) == digest(tmp_path / "again")
+    generate_shapes_world(ShapesWorldConfig(seed=1, **SMALL), str(tmp_path / "other"))
+    assert digest(tmp_path / "other")["instruct_train.json"] != digest(world)["instruct_train.json"]
+
+
+def test_manifest_and_files(world):
+    manifest = json.loads((world / "manifest.json").read_text())
+    assert manifest["config"]["seed"] == 0
+    assert manifest["counts"]["pretrain"] == 300 == len(load(world, "pretrain"))
+    assert manifest["counts"]["instruct_test"] == 60 == len(load(world, "instruct_test"))
+    assert manifest["counts"]["instruct_train"] == 300 + 15  # 5% text-only samples
+    assert len(list((world / "images" / "train").glob("*.png"))) == 300
+    assert (world / "text.txt").read_text().count("\n") == manifest["counts"]["text_lines"]
+
+
+def test_splits_are_disjoint_and_combinations_held_out(world):
+    scenes = {s: {r["meta"]["scene"] for r in load(world, f"instruct_{s}") if "meta" in r} for s in ("train", "val", "test", "heldout")}
+    assert not scenes["test"] & (scenes["train"] | scenes["val"])
+    assert not scenes["val"] & scenes["train"]
+    images = {s: {r["image"] for r in load(world, f"instruct_{s}") if "image" in r} for s in scenes}
+    assert not images["test"] & images["train"]
+
+    def has_held(scene):
+        return any(part.endswith(":yellow:triangle") for part in scene.split("|"))
+
+    assert all(has_held(s) for s in scenes["heldout"])
+    assert not any(has_held(s) for s in scenes["train"] | scenes["val"] | scenes["test"])
+    # Text-only samples only in training.
+    assert any("image" not in r for r in load(world, "instruct_train"))
+    assert all("image" in r for r in load(world, "instruct_test"))
+
+
+def test_answers_are_single_words_and_blind_guessing_is_poor(world):
+    train, test = load(world, "instruct_train"), load(world, "instruct_test")
+
+    def qa(records):
+        for r in records:
+            c = r["conversations"]
+            for q, a in zip(c[::2], c[1::2]):
+                yield q["value"].replace("<image>\n", ""), a["value"]
+
+    vocab = {a for _, a in qa(train)}
+    assert all(" " not in a for a in vocab) and len(vocab) <= 20
+    assert set(COLORS) | set(SHAPES) | {"yes", "no", "one", "two", "three"} <= vocab
+    # The best image-blind answer per question (majority in train) scores far below a seeing model.
+    by_question = defaultdict(Counter)
+    for q, a in qa(train):
+        by_question[q][a] += 1
+    pairs = list(qa(test))
+    blind = sum(by_question[q].most_common(1)[0][0] == a for q, a in pairs if q in by_question) / len(pairs)
+    assert blind < 0.55
+
+
+def test_dataset_loads_with_the_generated_tokenizer(world):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(world / "tokenizer"))
+    processor = LlavaSmoeProcessor(tokenizer, ProcessorConfig(template="chatml", num_image_tokens=16,
+                                                              image={"image_size": 32}))
+    assert processor.added_tokens == []
+    for name in ("pretrain", "instruct_train", "instruct_test"):
+        ds = LlavaDataset(DataConfig(str(world / f"{name}.json"), str(world / "images"), max_length=256), processor)
+        assert ds.validate().total == 0
+    sample = ds[0]
+    assert sample["image"].shape == (3, 32, 32)
+    # The small tokenizer covers the vocabulary: each answer word is one token.
+    for word in [*COLORS, *SHAPES, "yes", "no", "three"]:
+        assert len(tokenizer.encode(word, add_special_tokens=False)) == 1, word
+        assert len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1, word
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="image_size"):
+        ShapesWorldConfig(image_size=8)
+    with pytest.raises(ValueError, match="held-out combination"):
+        ShapesWorldConfig(holdout_combos=[("purple", "circle")])
+    with pytest.raises(ValueError, match="num_heldout"):
+        ShapesWorldConfig(holdout_combos=[], num_heldout=5)
