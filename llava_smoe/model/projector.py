@@ -1,0 +1,123 @@
+"""Projectors: map vision features [..., C_vision] to language-model embeddings [..., D].
+
+Types:
+- "identity": no parameters (C_vision must equal D).
+- "linear": one Linear.
+- "mlp{N}x_gelu": Linear(C, D), then (GELU, Linear(D, D)) x (N-1); LLaVA-1.5 uses mlp2x_gelu.
+- "moe": Linear(C, D), GELU, then an MoELayer(D, D, ffn_kind="gelu") whose experts are
+  Linear(D, D) -> GELU -> Linear(D, D). It is mlp3x_gelu with its last two Linears turned
+  into experts, so `upcycle_projector` converts a trained mlp3x_gelu projector into it
+  with identical outputs. (An MoELayer maps D -> D, so the C -> D input Linear stays dense.)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from llava_smoe.moe import MoEConfig
+
+_MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+@dataclass
+class ProjectorConfig:
+    type: str = "mlp2x_gelu"
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        m = _MLP_RE.match(self.type)
+        if self.type not in ("identity", "linear", "moe") and not (m and int(m.group(1)) >= 1):
+            raise ValueError(
+                f"projector.type {self.type!r} is not one of 'identity', 'linear', 'mlp{{N}}x_gelu' "
+                "(N >= 1, e.g. 'mlp2x_gelu'), 'moe'"
+            )
+
+    @property
+    def mlp_depth(self) -> int | None:
+        m = _MLP_RE.match(self.type)
+        return int(m.group(1)) if m else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProjectorConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"projector config: unknown keys {sorted(unknown)}; valid: ['bias', 'type']")
+        return cls(**d)
+
+
+class MLPProjector(nn.Sequential):
+    """Linear, then (GELU, Linear) x (depth - 1)."""
+
+    def __init__(self, in_features: int, out_features: int, depth: int, bias: bool = True):
+        layers: list[nn.Module] = [nn.Linear(in_features, out_features, bias=bias)]
+        for _ in range(depth - 1):
+            layers += [nn.GELU(), nn.Linear(out_features, out_features, bias=bias)]
+        super().__init__(*layers)
+
+
+class MoEProjector(nn.Module):
+    """Linear(C, D) -> GELU -> MoE of (Linear(D, D) -> GELU -> Linear(D, D)) experts."""
+
+    def __init__(self, input_linear: nn.Linear, moe: nn.Module):
+        super().__init__()
+        self.input = input_linear
+        self.act = nn.GELU()
+        self.moe = moe
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        return self.moe(self.act(self.input(x_BTC)))
+
+
+class _DenseFFNView(nn.Module):
+    """Presents two Linears of an MLP projector with the fc1/fc2/activation_fn names upcycle_ffn reads."""
+
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear):
+        super().__init__()
+        self.fc1, self.fc2, self.activation_fn = fc1, fc2, nn.GELU()
+
+
+def build_projector(config: ProjectorConfig | dict, in_features: int, out_features: int,
+                    moe_config: MoEConfig | None = None) -> nn.Module:
+    if isinstance(config, dict):
+        config = ProjectorConfig.from_dict(config)
+    if config.type == "identity":
+        if in_features != out_features:
+            raise ValueError(
+                f"projector 'identity' needs equal widths, but the vision tower gives {in_features} "
+                f"and the language model expects {out_features}: use 'linear' or 'mlp2x_gelu'"
+            )
+        return nn.Identity()
+    if config.type == "linear":
+        return nn.Linear(in_features, out_features, bias=config.bias)
+    if config.type == "moe":
+        if moe_config is None:
+            raise ValueError("projector 'moe' needs an MoE config (set `moe` in the model config)")
+        from llava_smoe.moe import MoELayer
+
+        moe = MoELayer(moe_config, hidden_size=out_features, ffn_size=out_features,
+                       ffn_kind="gelu", activation="gelu", bias=config.bias, layer_idx=0)
+        return MoEProjector(nn.Linear(in_features, out_features, bias=config.bias), moe)
+    return MLPProjector(in_features, out_features, config.mlp_depth, bias=config.bias)
+
+
+def upcycle_projector(projector: nn.Module, moe_config: MoEConfig) -> MoEProjector:
+    """mlp3x_gelu -> "moe" projector: the first Linear is kept, the last two become every expert."""
+    from llava_smoe.moe import upcycle_ffn
+
+    if not (isinstance(projector, MLPProjector) and len(projector) == 5):
+        raise ValueError(
+            f"only an mlp3x_gelu projector can be upcycled to 'moe' (got {type(projector).__name__} "
+            f"with {len(projector) if isinstance(projector, nn.Sequential) else '?'} modules); "
+            "train the dense stage with projector.type='mlp3x_gelu' or build with projector.type='moe'"
+        )
+    fc_in, fc1, fc2 = projector[0], projector[2], projector[4]
+    return MoEProjector(fc_in, upcycle_ffn(_DenseFFNView(fc1, fc2), moe_config, layer_idx=0))
