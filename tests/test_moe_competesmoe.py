@@ -163,3 +163,19 @@ def test_training_without_configured_schedule_raises():
     m = MoELayer(MoEConfig(num_experts=E, top_k=K, router="competesmoe"), D, F_SIZE)
     with pytest.raises(RuntimeError, match="configure_moe_schedule"):
         m(torch.randn(4, D))
+
+
+def test_declared_aux_names_cover_both_policies():
+    from llava_smoe.moe import aux_loss_names
+
+    model = Stack(2, {"warmup_fraction": 0.0, "competition_prob": 0.5, "max_competing_layers": 1})
+    configure_moe_schedule(model, total_steps=50)
+    declared = set(aux_loss_names(model))
+    assert declared == {"balance", "z_loss", "distill", "diversity"}
+    seen = set()
+    for step in range(10):
+        for m in model.layers:
+            m(torch.randn(6, D))
+        seen |= set(collect_aux_losses(model))
+        moe_optimizer_step(model, step + 1)
+    assert seen == declared  # both router steps and competition steps occurred

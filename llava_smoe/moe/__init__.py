@@ -1,6 +1,7 @@
 """The MoE core: batched experts, a router registry, the MoE layer, upcycling and step hooks."""
 
 from .api import (
+    aux_loss_names,
     convert_mot_to_token_choice,
     collect_aux_losses,
     configure_moe_schedule,
@@ -20,6 +21,7 @@ __all__ = [
     "MoEConfig",
     "MoELayer",
     "available_routers",
+    "aux_loss_names",
     "collect_aux_losses",
     "configure_moe_schedule",
     "convert_mot_to_token_choice",

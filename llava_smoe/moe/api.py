@@ -37,6 +37,15 @@ def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     return total
 
 
+def aux_loss_names(model: nn.Module) -> list[str]:
+    """Every aux loss name the model's MoE layers can produce; a given step may produce fewer
+    (e.g. CompeteSMoE's distillation exists only on competition steps)."""
+    names: set[str] = set()
+    for _, layer in moe_layers(model):
+        names |= layer.router.aux_loss_names()
+    return sorted(names)
+
+
 def configure_moe_schedule(model: nn.Module, total_steps: int) -> None:
     """Tell routers the run's length (CompeteSMoE warm-up) and their order in the model."""
     if total_steps < 0:

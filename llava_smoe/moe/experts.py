@@ -195,3 +195,62 @@ def dispatch_pairs(
     y_PD = y_PD * weight_P[order_P].unsqueeze(-1).to(y_PD.dtype)
     out_TD = torch.zeros(x_TD.shape, dtype=y_PD.dtype, device=x_TD.device)
     return out_TD.index_add_(0, token_sorted_P, y_PD)
+
+
+class _GatherSorted(torch.autograd.Function):
+    """`x_TD[order_P // K]`: each token's K copies, in expert-sorted order.
+
+    The autograd default scatter-adds the gradient back (slow and serial on CPU); the inverse
+    permutation turns it into a gather followed by a sum over each token's K copies.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, token_sorted_P, inverse_P, K):
+        ctx.save_for_backward(inverse_P)
+        ctx.T, ctx.K = x_TD.shape[0], K
+        return x_TD.index_select(0, token_sorted_P)
+
+    @staticmethod
+    def backward(ctx, grad_PD):
+        (inverse_P,) = ctx.saved_tensors
+        grad_TKD = grad_PD.index_select(0, inverse_P).view(ctx.T, ctx.K, grad_PD.shape[-1])
+        return grad_TKD.sum(1), None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`x_PD[perm_P]` for a permutation: the backward gathers with the inverse instead of scattering."""
+
+    @staticmethod
+    def forward(ctx, x_PD, perm_P, inverse_P):
+        ctx.save_for_backward(inverse_P)
+        return x_PD.index_select(0, perm_P)
+
+    @staticmethod
+    def backward(ctx, grad_PD):
+        (inverse_P,) = ctx.saved_tensors
+        return grad_PD.index_select(0, inverse_P), None, None
+
+
+def dispatch_topk(
+    experts: GroupedExperts,
+    x_TD: torch.Tensor,
+    expert_idx_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    impl: str,
+) -> torch.Tensor:
+    """`sum_j weights_TK[t, j] * FFN_{expert_idx_TK[t, j]}(x_t)`: exactly k experts per token.
+
+    The same sort-by-expert execution as `dispatch_pairs`, but with a fixed k per token every
+    scatter becomes a gather through the inverse permutation, and the weighted sum over a
+    token's k outputs is one batched [1, k] @ [k, D] product.
+    """
+    T, K = expert_idx_TK.shape
+    expert_P = expert_idx_TK.reshape(-1)  # pair p = t * K + j
+    order_P = torch.argsort(expert_P, stable=True)
+    inverse_P = torch.empty_like(order_P)
+    inverse_P[order_P] = torch.arange(order_P.numel(), device=order_P.device)
+    counts_E = torch.bincount(expert_P, minlength=experts.num_experts)
+    x_PD = _GatherSorted.apply(x_TD, torch.div(order_P, K, rounding_mode="floor"), inverse_P, K)
+    y_PD = experts.forward_sorted(x_PD, counts_E, impl)
+    y_TKD = _PermuteRows.apply(y_PD, inverse_P, order_P).view(T, K, y_PD.shape[-1])
+    return torch.bmm(weights_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..experts import GroupedExperts, dispatch_pairs
+from ..experts import GroupedExperts, dispatch_topk
 
 if TYPE_CHECKING:
     from ..config import MoEConfig
@@ -128,6 +128,10 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, experts: GroupedExperts, call: RouteCall):
         raise NotImplementedError
 
+    def aux_loss_names(self) -> set[str]:
+        """Every aux loss name this router can return (a step may return a subset)."""
+        return {name for name, coef in (("balance", self.opts.balance_coef), ("z_loss", self.opts.z_loss_coef)) if coef}
+
     @property
     def learning(self) -> bool:
         """Aux losses and per-step measurements exist only while training with gradients."""
@@ -194,11 +198,10 @@ class TokenChoiceRouter(Router):
 
     def forward(self, x_TD: torch.Tensor, experts: GroupedExperts, call: RouteCall):
         g = self.gate(x_TD)
+        y_TD = dispatch_topk(experts, x_TD, g.expert_idx_TK, g.weights_TK, call.impl)
         T, K = g.expert_idx_TK.shape
-        token_P = torch.arange(T, device=x_TD.device).repeat_interleave(K)
-        expert_P = g.expert_idx_TK.reshape(-1)
-        y_TD = dispatch_pairs(experts, x_TD, token_P, expert_P, g.weights_TK.reshape(-1), call.impl)
-        self.record_assignment(expert_P, token_P, call)
+        token_P = torch.arange(T, device=x_TD.device).repeat_interleave(K) if call.token_groups_T is not None else None
+        self.record_assignment(g.expert_idx_TK.reshape(-1), token_P, call)
         self.record_entropy(g.probs_TE)
         return y_TD, g.aux
 

@@ -89,6 +89,12 @@ class CompeteSMoERouter(SMoERouter):
         self._host_total = 0
         self._decision: tuple[int, bool] | None = None  # (step, competes) cache
 
+    def aux_loss_names(self) -> set[str]:
+        o = self.opts
+        competition = {"distill": o.distill_coef, "hybrid": o.hybrid_coef, "balance": o.competition_balance_coef,
+                       "diversity": o.diversity_coef if self.top_k > 1 else 0.0}
+        return super().aux_loss_names() | {name for name, coef in competition.items() if coef}
+
     # -- schedule ------------------------------------------------------------------------------
     @classmethod
     def configure(cls, routers, total_steps):

@@ -46,6 +46,9 @@ class ReMoERouter(Router):
         self.register_buffer("l1_lambda", torch.tensor(o.lambda_init, dtype=torch.float32))
         self._pending: torch.Tensor | None = None  # [zero gates, all gates] since the last optimizer step
 
+    def aux_loss_names(self) -> set[str]:
+        return {"l1"}
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         # lambda spans many orders of magnitude: it stays fp32 whatever the model's dtype.

@@ -1,0 +1,106 @@
+"""Tasks: what the trainer trains, built from the recipe section named by `task:`.
+
+A task is a config dataclass plus a builder returning `TaskParts`:
+
+    @dataclass
+    class MyTaskConfig:
+        data_path: str
+        seq_len: int = 512
+
+    @register_task("mine", MyTaskConfig)
+    def build_mine(config: MyTaskConfig, run: RunConfig) -> TaskParts:
+        ...
+
+Contract with the trainer:
+- `model(**batch)` (or `model(batch)` when the collated batch is not a mapping) returns an
+  object with `.loss`, the language-model loss only; MoE auxiliary losses are collected by the
+  trainer from the model's `MoELayer`s.
+- Datasets are map-style and deterministic per index (the sampler restarts mid-epoch on resume).
+- `export_fn(model, out_dir)` writes the final artefact (e.g. `save_pretrained`); it runs on
+  rank 0 with full weights (gathered first under ZeRO-3).
+- `count_tokens(batch)` feeds tokens/s; the default counts `attention_mask` ones, else
+  `input_ids` elements.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from llava_smoe.training.config import ConfigError, build_dataclass
+
+if TYPE_CHECKING:
+    from llava_smoe.training.config import RunConfig
+
+# Tasks that ship with the package, imported on first use so that registering costs nothing.
+_BUILTIN_TASK_MODULES: dict[str, str] = {
+    "toy": "llava_smoe.training.toy",
+    "lm": "llava_smoe.lm.task",
+}
+
+
+def default_count_tokens(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        if isinstance(batch.get("attention_mask"), torch.Tensor):
+            return int(batch["attention_mask"].sum())
+        if isinstance(batch.get("input_ids"), torch.Tensor):
+            return batch["input_ids"].numel()
+    return 0
+
+
+@dataclass
+class TaskParts:
+    model: nn.Module
+    train_dataset: Dataset
+    collate_fn: Callable[[list[Any]], Any]
+    eval_dataset: Dataset | None = None
+    export_fn: Callable[[nn.Module, Path], None] | None = None
+    count_tokens: Callable[[Any], int] = default_count_tokens
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    config_cls: type
+    build_fn: Callable[[Any, RunConfig], TaskParts]
+
+    def build(self, run: RunConfig) -> TaskParts:
+        config = build_dataclass(self.config_cls, run.task_options, self.name)
+        parts = self.build_fn(config, run)
+        if not isinstance(parts, TaskParts):
+            raise TypeError(f"task {self.name!r} returned {type(parts).__name__}, expected TaskParts")
+        return parts
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register_task(name: str, config_cls: type) -> Callable:
+    """Decorator registering `build_fn(config, run) -> TaskParts` under `name`."""
+
+    def decorator(build_fn: Callable[[Any, RunConfig], TaskParts]) -> Callable:
+        if name in _REGISTRY and _REGISTRY[name].build_fn is not build_fn:
+            raise ValueError(f"task {name!r} is already registered by {_REGISTRY[name].build_fn.__module__}")
+        _REGISTRY[name] = Task(name, config_cls, build_fn)
+        return build_fn
+
+    return decorator
+
+
+def get_task(name: str) -> Task:
+    if name not in _REGISTRY and name in _BUILTIN_TASK_MODULES:
+        importlib.import_module(_BUILTIN_TASK_MODULES[name])
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown task {name!r}; available: {available_tasks()}")
+    return _REGISTRY[name]
+
+
+def available_tasks() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_BUILTIN_TASK_MODULES))

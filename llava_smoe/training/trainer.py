@@ -1,0 +1,391 @@
+"""The training loop, shared by both back ends.
+
+Per optimizer step: `grad_accum` micro-batches of forward + backward (loss = LM loss + MoE aux
+losses), one all-reduce of a small vector of step statistics and one host sync, then either
+the update or, for a non-finite loss / gradient norm, a skipped step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import DataLoader
+
+from llava_smoe.moe import (
+    aux_loss_names,
+    collect_aux_losses,
+    configure_moe_schedule,
+    moe_layers,
+    moe_optimizer_step,
+    routing_stats,
+)
+from llava_smoe.training import distributed
+from llava_smoe.training.backends import Backend, TorchBackend, to_device
+from llava_smoe.training.checkpoint import (
+    TrainerState,
+    checkpoint_root,
+    load_checkpoint,
+    load_rng,
+    read_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from llava_smoe.training.config import ConfigError, RunConfig
+from llava_smoe.training.data import ResumableSampler, ShardedEvalSampler
+from llava_smoe.training.distributed import DistInfo
+from llava_smoe.training.metrics import METRICS_FILE, MetricsLogger, flatten_routing, truncate_metrics
+from llava_smoe.training.optim import WarmupCosineSchedule, build_optimizer, build_param_groups
+from llava_smoe.training.tasks import TaskParts, get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    status: Literal["completed", "nonfinite", "interrupted"]
+    step: int
+    message: str
+    checkpoint: Path | None = None
+    export_dir: Path | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(run: RunConfig) -> TrainResult:
+    """Set up the process group, build the task, train, tear down."""
+    dist_info = distributed.setup(run.train.backend)
+    try:
+        seed_everything(run.train.seed)  # same on every rank: replicas start identical
+        parts = get_task(run.task).build(run)
+        return Trainer(run, parts, dist_info).fit()
+    finally:
+        distributed.teardown()
+
+
+def micro_batch_multiple_check(model: torch.nn.Module, micro_batch_size: int) -> bool:
+    """Validate routers that mix sequences (Mixture of Tokens); True if any needs a multiple."""
+    needs_multiple = False
+    for name, layer in moe_layers(model):
+        check = getattr(getattr(layer.router, "opts", None), "check_batch_size", None)
+        if check is None:
+            continue
+        needs_multiple = True
+        try:
+            check(micro_batch_size)
+        except ValueError as exc:
+            raise ConfigError(
+                f"train.micro_batch_size={micro_batch_size} does not suit MoE layer {name}: {exc}"
+            ) from None
+    return needs_multiple
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, parts: TaskParts, dist_info: DistInfo):
+        self.run, self.cfg, self.parts, self.dist = run, run.train, parts, dist_info
+        cfg = self.cfg
+        self.output_dir = Path(cfg.output_dir)
+        model = parts.model
+        needs_multiple = micro_batch_multiple_check(model, cfg.micro_batch_size)
+        if cfg.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise ConfigError(
+                    f"train.gradient_checkpointing=true, but {type(model).__name__} has no "
+                    "gradient_checkpointing_enable(); set it to false or add the method to the model"
+                )
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(dist_info.device)
+
+        groups, summary, frozen = build_param_groups(model, run.optim)
+        if dist_info.is_main:
+            for g in summary:
+                log.info("param group %-12s lr %.3g: %d tensors, %s parameters",
+                         g.name, g.lr, g.tensors, f"{g.parameters:,}")
+            log.info("frozen (no group or lr 0): %s parameters", f"{frozen:,}")
+        optimizer = build_optimizer(groups, run.optim)
+
+        self.sampler = ResumableSampler(len(parts.train_dataset), seed=cfg.seed, rank=dist_info.rank,
+                                        world_size=dist_info.world_size)
+        micro_per_epoch = len(self.sampler) // cfg.micro_batch_size
+        if micro_per_epoch == 0:
+            raise ConfigError(f"the training set gives each of {dist_info.world_size} processes {len(self.sampler)} "
+                              f"samples, fewer than train.micro_batch_size={cfg.micro_batch_size}")
+        if cfg.max_steps is not None:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = math.floor(cfg.epochs * micro_per_epoch / cfg.grad_accum)
+            if self.total_steps < 1:
+                raise ConfigError(f"train.epochs={cfg.epochs} gives no optimizer step "
+                                  f"({micro_per_epoch} micro-batches per epoch, grad_accum {cfg.grad_accum})")
+        self.loader = DataLoader(
+            parts.train_dataset, batch_size=cfg.micro_batch_size, sampler=self.sampler, drop_last=True,
+            collate_fn=parts.collate_fn, num_workers=cfg.num_workers,
+            # Its own generator: creating an iterator must not draw from the global RNG, or a
+            # resumed run's dropout masks would differ from the uninterrupted run's.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self.eval_loader = None
+        if parts.eval_dataset is not None:
+            self.eval_loader = DataLoader(
+                parts.eval_dataset, batch_size=cfg.micro_batch_size,
+                sampler=ShardedEvalSampler(len(parts.eval_dataset), dist_info.rank, dist_info.world_size),
+                collate_fn=parts.collate_fn, num_workers=cfg.num_workers, drop_last=needs_multiple,
+            )
+
+        # Before any checkpoint is loaded: restored buffers must win over the schedule's set-up.
+        configure_moe_schedule(model, self.total_steps)
+        self.backend: Backend = self._build_backend(model, optimizer, bool(moe_layers(model)))
+        self.module = self.backend.module
+        self.schedule = WarmupCosineSchedule(self.total_steps, run.optim.warmup_ratio, run.optim.schedule,
+                                             run.optim.min_lr_ratio)
+        self.state = TrainerState(world_size=dist_info.world_size, micro_batch_size=cfg.micro_batch_size,
+                                  grad_accum=cfg.grad_accum, schedule=self.schedule.state_dict(),
+                                  run_config=run.to_dict())
+        self.resumed_from = resolve_resume(cfg.resume, self.output_dir)
+        if self.resumed_from is not None:
+            self._load(self.resumed_from)
+        self._stop_requested = False
+        # Fixed for the run so every step (and rank) reduces the same vector; a step may
+        # produce fewer (CompeteSMoE's competition losses exist only on competition steps).
+        self._aux_names = aux_loss_names(self.module)
+
+    def _build_backend(self, model, optimizer, has_moe: bool) -> Backend:
+        if self.cfg.backend == "deepspeed":
+            from llava_smoe.training.deepspeed_backend import DeepSpeedBackend
+
+            return DeepSpeedBackend(model, optimizer, self.cfg, self.dist)
+        return TorchBackend(model, optimizer, self.cfg, self.dist, find_unused_parameters=has_moe)
+
+    def _load(self, ckpt: Path) -> None:
+        state = load_checkpoint(ckpt, self.backend)
+        for key in ("world_size", "micro_batch_size", "grad_accum"):
+            if getattr(state, key) != getattr(self.state, key):
+                raise ConfigError(
+                    f"checkpoint {ckpt} was written with {key}={getattr(state, key)}, this run has "
+                    f"{getattr(self.state, key)}: the data position would not line up; use the same value"
+                )
+        self.schedule.check_matches(state.schedule)
+        state.run_config = self.state.run_config
+        self.state = state
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (epoch %d, sample %d)", ckpt, state.step, state.epoch, state.index)
+
+    # -- data -----------------------------------------------------------------------------------
+    def _micro_batches(self) -> Iterator[Any]:
+        """Endless micro-batches from the saved position; the position moves as they are taken."""
+        mbs = self.cfg.micro_batch_size
+        while True:
+            self.sampler.set_position(self.state.epoch, self.state.index)
+            for batch in self.loader:
+                self.state.index += mbs
+                yield batch
+            self.state.epoch += 1
+            self.state.index = 0
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        main = self.dist.is_main
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(self.run.to_dict(), sort_keys=False))
+            if self.resumed_from is not None:
+                truncate_metrics(self.output_dir / METRICS_FILE, state.step)
+        logger = MetricsLogger(self.output_dir, enabled=main, total_steps=self.total_steps, initial_step=state.step,
+                               tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar)
+        previous_handler = self._install_sigterm()
+        try:
+            return self._loop(logger)
+        finally:
+            logger.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+
+    def _loop(self, logger: MetricsLogger) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        if self.resumed_from is not None:
+            load_rng(self.resumed_from, self.dist)  # last, so nothing between here and step 1 draws
+        self.module.train()
+        batches = self._micro_batches()
+        interval = _Interval()
+        last_saved: Path | None = self.resumed_from
+        status, message = "completed", f"trained {self.total_steps} steps"
+        while state.step < self.total_steps:
+            lrs = self.schedule.apply(self.backend.param_groups, state.step)
+            stats = self._accumulate(batches)
+            lm_loss, aux, tokens, stop_votes, grad_norm = stats
+            loss = lm_loss + sum(aux.values())
+            finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+            if finite:
+                norm_after = self.backend.step()
+                grad_norm = norm_after if norm_after is not None else grad_norm
+                moe_optimizer_step(self.module, state.step + 1)
+                interval.add(loss, lm_loss, aux, grad_norm)
+            else:
+                self.backend.skip_step()
+                state.nonfinite += 1
+                bad = f"loss={loss}" + ("" if grad_norm is None else f", grad_norm={grad_norm}")
+                logger.write(f"step {state.step + 1}: non-finite {bad}; step skipped, no update "
+                             f"({state.nonfinite}/{cfg.max_nonfinite} allowed)")
+            interval.tokens += tokens
+            state.step += 1
+            logger.advance()
+            step = state.step
+
+            if state.nonfinite >= cfg.max_nonfinite:
+                status = "nonfinite"
+                message = (f"stopped at step {step}: {state.nonfinite} non-finite steps reached "
+                           f"train.max_nonfinite={cfg.max_nonfinite}; last checkpoint: {last_saved or 'none'}. "
+                           "Lower the learning rate or check the data, then resume from that checkpoint.")
+            if step % cfg.log_every == 0 or step == self.total_steps or status != "completed":
+                logger.log(interval.record(step, state.epoch, lrs, state.nonfinite, self.module))
+                interval = _Interval()
+            if status != "completed":
+                break
+            if self.eval_loader is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                logger.log({"step": step, "eval/loss": self.evaluate()})
+                interval.restart_clock()
+            if cfg.save_every and step % cfg.save_every == 0:
+                last_saved = self._save()
+                interval.restart_clock()
+            if stop_votes:
+                if not _is_checkpoint_of(last_saved, step):
+                    last_saved = self._save()
+                status, message = "interrupted", f"stopped on SIGTERM at step {step}; checkpoint {last_saved}"
+                break
+
+        result = TrainResult(status, state.step, message, checkpoint=last_saved)
+        if status == "completed":
+            if not _is_checkpoint_of(last_saved, state.step):
+                result.checkpoint = self._save()
+            if self.eval_loader is not None and (not cfg.eval_every or state.step % cfg.eval_every):
+                logger.log({"step": state.step, "eval/loss": self.evaluate()})
+            if self.parts.export_fn is not None:
+                result.export_dir = self.output_dir / "final"
+                self.backend.export(self.parts.export_fn, result.export_dir)
+                distributed.barrier()
+        logger.write(message)
+        return result
+
+    def _accumulate(self, batches: Iterator[Any]) -> tuple[float, dict[str, float], int, int, float | None]:
+        """Forward/backward over grad_accum micro-batches; one all-reduce and one host sync."""
+        ga = self.cfg.grad_accum
+        sums: torch.Tensor | None = None
+        tokens = 0
+        for i in range(ga):
+            batch = next(batches)
+            tokens += self.parts.count_tokens(batch)
+            batch = to_device(batch, self.dist.device)
+            boundary = i == ga - 1
+            with self.backend.accumulation(boundary):
+                out = self.backend.forward(batch)
+                aux = collect_aux_losses(self.module)
+                undeclared = set(aux) - set(self._aux_names)
+                if undeclared:
+                    raise RuntimeError(f"MoE layers returned undeclared aux losses {sorted(undeclared)}; "
+                                       f"declared: {self._aux_names} (see Router.aux_loss_names)")
+                total = out.loss + sum(aux.values()) if aux else out.loss
+                self.backend.backward(total, boundary)
+            zero = out.loss.detach().float().new_zeros(())
+            parts = torch.stack([out.loss.detach().float(), *(aux[k].detach().float() if k in aux else zero
+                                                              for k in self._aux_names)])
+            sums = parts if sums is None else sums + parts
+        vec = torch.cat([sums / ga, torch.tensor([float(tokens), float(self._stop_requested)], device=sums.device)])
+        if self.dist.enabled and self.dist.world_size > 1:
+            dist.all_reduce(vec)
+            vec[:-2] /= self.dist.world_size
+        grad_norm = self.backend.grad_norm_before_step()
+        if grad_norm is not None:
+            vec = torch.cat([vec, grad_norm.detach().float().reshape(1).to(vec.device)])
+        host = vec.tolist()  # the step's single device -> host sync
+        n = 1 + len(self._aux_names)
+        aux_vals = dict(zip(self._aux_names, host[1:n], strict=True))
+        return host[0], aux_vals, int(host[n]), int(host[n + 1]), (host[n + 2] if grad_norm is not None else None)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss over the eval set (all ranks); eval routing is kept out of training stats."""
+        self.module.eval()
+        totals = torch.zeros(2, device=self.dist.device)
+        for batch in self.eval_loader:
+            out = self.backend.forward(to_device(batch, self.dist.device))
+            collect_aux_losses(self.module)
+            totals += torch.stack([out.loss.detach().float(), torch.ones((), device=totals.device)])
+        if self.dist.enabled and self.dist.world_size > 1:
+            dist.all_reduce(totals)
+        routing_stats(self.module, reset=True)
+        self.module.train()
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def _save(self) -> Path:
+        return save_checkpoint(checkpoint_root(self.output_dir), self.state, self.backend, self.dist,
+                               self.cfg.keep_last)
+
+    def _install_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        return signal.signal(signal.SIGTERM, request_stop)
+
+
+def _is_checkpoint_of(path: Path | None, step: int) -> bool:
+    return path is not None and read_state(path).step == step
+
+
+class _Interval:
+    """Host-side sums between two log steps."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.loss = 0.0
+        self.lm_loss = 0.0
+        self.aux: dict[str, float] = {}
+        self.grad_norm: torch.Tensor | float = 0.0
+        self.tokens = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: float, lm_loss: float, aux: dict[str, float], grad_norm) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.lm_loss += lm_loss
+        for k, v in aux.items():
+            self.aux[k] = self.aux.get(k, 0.0) + v
+        if grad_norm is not None:  # a device tensor under DeepSpeed: no sync until the log step
+            self.grad_norm = self.grad_norm + grad_norm
+
+    def record(self, step: int, epoch: int, lrs: dict[str, float], nonfinite: int, module) -> dict[str, Any]:
+        n = max(1, self.steps)
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        rec: dict[str, Any] = {"step": step, "epoch": epoch}
+        if self.steps:
+            rec.update(loss=self.loss / n, lm_loss=self.lm_loss / n)
+            rec.update({f"aux/{k}": v / n for k, v in self.aux.items()})
+            rec["grad_norm"] = float(self.grad_norm) / n
+        rec["lr"] = next(iter(lrs.values()))
+        rec.update({f"lr/{k}": v for k, v in lrs.items()})
+        rec["tokens_per_s"] = self.tokens / elapsed
+        rec["nonfinite"] = nonfinite
+        rec.update(flatten_routing(routing_stats(module, reset=True)))
+        return rec
