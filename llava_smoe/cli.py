@@ -15,6 +15,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("llava_smoe.bench.cli", "benchmark MoE layers against dense and transformers baselines"),
     "train": ("llava_smoe.training.cli", "train from a YAML recipe with dotted overrides (torch or DeepSpeed back end)"),
     "data": ("llava_smoe.data.cli", "generate the synthetic shapes-world dataset; check a LLaVA dataset"),
+    "eval": ("llava_smoe.evaluation.eval_cli", "evaluate checkpoints with lmms-eval (benchmarks and local tasks), side by side"),
+    "inspect": ("llava_smoe.evaluation.inspect_cli", "routing analysis: expert load by modality, entropy, dead experts, competition agreement"),
+    "compare": ("llava_smoe.lm.cli", "compare training runs: a markdown table and plots from their metrics.jsonl"),
+    "chat": ("llava_smoe.serve.chat", "chat with a checkpoint in the terminal (streaming; /image, /reset, /quit)"),
+    "web": ("llava_smoe.serve.web", "serve a checkpoint as a Gradio chat page with image upload and expert routing"),
+    "serve": ("llava_smoe.serve.api", "serve a checkpoint over an OpenAI-compatible HTTP API (chat completions)"),
 }
 
 

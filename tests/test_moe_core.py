@@ -209,3 +209,11 @@ def test_bf16_grouped_path_matches_loop():
         assert m.impl == dispatch
         out[dispatch] = m(torch.randn(40, 32).to(torch.bfloat16))
     torch.testing.assert_close(out["grouped"], out["loop"], rtol=2e-2, atol=2e-2)
+
+
+def test_statistics_survive_switching_between_inference_mode_and_training():
+    m = MoELayer(MoEConfig(num_experts=4, top_k=2, router="smoe"), D, F_SIZE)
+    with torch.inference_mode():
+        m(torch.randn(5, D))
+    m(torch.randn(3, D)).sum().backward()
+    assert sum(routing_stats(m)[""]["tokens_per_expert"]) == (5 + 3) * 2

@@ -18,13 +18,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from llava_smoe.model.language_model import LayerSpec, build_language_model, decoder_layers, resolve_layers
+from llava_smoe.model.language_model import (
+    LayerSpec,
+    build_language_model,
+    decoder_layers,
+    install_moe_layers,
+    lm_moe_spec,
+    load_language_model,
+    resolve_layers,
+)
 from llava_smoe.moe import MoEConfig, MoELayer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-MOE_CONFIG_KEY = "llava_smoe_moe"  # entry of the LM's config.json: {"moe_config": {...}, "layers": [...]}
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -80,37 +87,6 @@ def build_lm(config: LMModelConfig, *, vocab_size: int, max_seq_len: int, bos_to
     return lm
 
 
-def install_moe_layers(lm: nn.Module, moe: MoEConfig, layers: list[int]) -> None:
-    """Replace `mlp` of `layers` by freshly initialised MoE layers and record it in `lm.config`.
-
-    Experts start like the dense FFNs they replace (normal, std `initializer_range`), so dense
-    and MoE runs of one architecture start from the same weight scale.
-    """
-    blocks = decoder_layers(lm)
-    cfg = lm.config
-    std = getattr(cfg, "initializer_range", 0.02)
-    for i in layers:
-        if isinstance(blocks[i].mlp, MoELayer):
-            raise ValueError(f"language model layer {i} is already an MoE layer")
-        ref = next(blocks[i].mlp.parameters())
-        layer = MoELayer(moe, cfg.hidden_size, cfg.intermediate_size, ffn_kind="swiglu",
-                         activation=cfg.hidden_act, layer_idx=i).to(device=ref.device, dtype=ref.dtype)
-        for experts in (layer.experts, layer.shared_experts):
-            if experts is not None:
-                for p in experts.parameters():
-                    nn.init.normal_(p, std=std)
-        blocks[i].mlp = layer
-    setattr(cfg, MOE_CONFIG_KEY, {"moe_config": moe.to_dict(), "layers": list(layers)})
-
-
-def lm_moe_spec(config: Any) -> tuple[MoEConfig, list[int]] | None:
-    """(MoE config, MoE layer indices) recorded in an LM config (object or dict), or None if dense."""
-    entry = config.get(MOE_CONFIG_KEY) if isinstance(config, dict) else getattr(config, MOE_CONFIG_KEY, None)
-    if not entry:
-        return None
-    return MoEConfig.from_dict(entry["moe_config"]), [int(i) for i in entry["layers"]]
-
-
 def save_lm(lm: PreTrainedModel, out_dir: str | Path, tokenizer: Any = None) -> Path:
     """Write config.json (with the MoE entry), model.safetensors and the tokenizer."""
     from safetensors.torch import save_model
@@ -129,24 +105,11 @@ def save_lm(lm: PreTrainedModel, out_dir: str | Path, tokenizer: Any = None) -> 
 
 def load_lm(path: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
             attn_implementation: str | None = None) -> PreTrainedModel:
-    """Load a folder written by `save_lm` (dense or MoE): build, install MoE layers, load strictly."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig
-
-    path = Path(path)
-    if not (path / WEIGHTS_FILE).is_file():
+    """Load a folder written by `save_lm` (dense or MoE)."""
+    if not (Path(path) / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}; expected a folder written by save_lm")
-    config = AutoConfig.from_pretrained(path)
-    lm = build_language_model(config, attn_implementation=attn_implementation)
-    spec = lm_moe_spec(config)
-    if spec is not None:
-        install_moe_layers(lm, *spec)
-    load_model(lm, str(path / WEIGHTS_FILE), strict=True)
-    if dtype is not None:
-        lm.to(dtype)
-    if device is not None:
-        lm.to(device)
-    return lm
+    lm = load_language_model(str(path), attn_implementation=attn_implementation, dtype=dtype)
+    return lm.to(device) if device is not None else lm
 
 
 def parameter_counts(lm: nn.Module) -> dict[str, int]:

@@ -74,10 +74,8 @@ class RoutingStats:
 
     def add(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().to(torch.float64)
-        if key in self._acc:
-            self._acc[key] += value
-        else:
-            self._acc[key] = value.clone()
+        # Out of place: an accumulator created under inference_mode cannot be updated in place later.
+        self._acc[key] = self._acc[key] + value if key in self._acc else value.clone()
 
     def get(self, key: str) -> torch.Tensor | None:
         return self._acc.get(key)

@@ -1,0 +1,183 @@
+"""The `llava_smoe` model for lmms-eval.
+
+    lmms-eval --model llava_smoe --model_args pretrained=CKPT[,dtype=bfloat16,max_new_tokens=128] \\
+        --tasks gqa --batch_size 8 --output_path runs/eval
+
+The checkpoint's own processor decides the template, image token and preprocessing. Requests
+are grouped by generation settings, sorted by prompt length and run in left-padded batches.
+Several processes (`accelerate launch -m lmms_eval ...`): lmms-eval hands each rank its share
+of the requests; each process evaluates on its own device (data parallel, no model wrapping).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+from tqdm import tqdm
+
+from llava_smoe.evaluation.generation import (
+    GenerationOptions,
+    InferenceRunner,
+    Prompt,
+    resolve_device,
+    resolve_dtype,
+    sorted_batches,
+)
+
+
+class LlavaSmoeLmms(lmms):
+    """lmms-eval model over a saved LLaVA-SMoE checkpoint (a folder from `save_pretrained`).
+
+    model_args: pretrained (required), device ("cuda"/"cpu"/"auto"), dtype ("auto" = bf16 on a
+    GPU that has it, else fp32), batch_size, max_new_tokens (when a task sets none),
+    attn_implementation ("sdpa", "eager", "flash_attention_2", "auto").
+    The model object may also be given directly (`model=..., processor=...`) for in-process use.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        max_new_tokens: int = 64,
+        attn_implementation: str = "sdpa",
+        max_batch_size: int | None = None,  # lmms-eval always passes it; batches are fixed-size here
+        model: Any = None,
+        processor: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise ValueError(
+                f"llava_smoe: unknown model_args {sorted(kwargs)}; valid: pretrained, device, dtype, batch_size, "
+                "max_new_tokens, attn_implementation"
+            )
+        if str(batch_size).startswith("auto"):
+            raise ValueError("llava_smoe: batch_size 'auto' is not supported; give a number (e.g. --batch_size 8)")
+        self.batch_size_per_device = int(batch_size)
+        if self.batch_size_per_device < 1:
+            raise ValueError(f"llava_smoe: batch_size must be >= 1, got {batch_size}")
+        self.max_new_tokens = int(max_new_tokens)
+
+        self.accelerator = Accelerator()
+        if self.accelerator.num_processes > 1:
+            self._device = self.accelerator.device  # this process's GPU (or CPU under gloo)
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+        else:
+            self._device = resolve_device(device)
+
+        if model is None:
+            if not pretrained:
+                raise ValueError("llava_smoe: pass --model_args pretrained=PATH (a folder written by save_pretrained)")
+            from llava_smoe.model import load_model
+            from llava_smoe.processing import LlavaSmoeProcessor
+
+            model = load_model(str(pretrained), resolve_dtype(dtype, self._device), self._device, attn_implementation)
+            processor = LlavaSmoeProcessor.from_pretrained(str(pretrained))
+        elif processor is None:
+            raise ValueError("llava_smoe: a model object needs its processor (processor=...)")
+        else:
+            model = model.to(self._device).eval()
+        self.pretrained = pretrained
+        self.runner = InferenceRunner(model, processor)
+
+    # -- properties lmms-eval reads -------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.runner.model
+
+    @property
+    def processor(self) -> Any:
+        return self.runner.processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.runner.processor.tokenizer
+
+    @property
+    def config(self) -> Any:
+        return self.runner.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_device
+
+    # -- requests -----------------------------------------------------------------------------
+    def _prompt(self, context: str, doc_to_visual: Any, doc_id: int, task: str, split: str) -> Prompt:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        images = []
+        for v in _flatten(visuals):
+            if not isinstance(v, Image.Image):
+                raise TypeError(
+                    f"llava_smoe takes images only; task {task!r} doc {doc_id} gave a {type(v).__name__} visual"
+                )
+            images.append(v.convert("RGB"))
+        return Prompt(context, images)
+
+    def _text_length(self, context: str) -> int:
+        return len(self.tokenizer(context, add_special_tokens=False)["input_ids"])
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        args = [r.args for r in requests]
+        groups: dict[str, list[int]] = defaultdict(list)  # one batch never mixes decoding settings
+        for i, a in enumerate(args):
+            groups[json.dumps(a[1], sort_keys=True, default=str)].append(i)
+        results: list[str | None] = [None] * len(args)
+        pbar = tqdm(total=len(args), disable=self.rank != 0, desc="llava_smoe generate")
+        for indices in groups.values():
+            options = GenerationOptions.from_gen_kwargs(args[indices[0]][1], self.max_new_tokens)
+            lengths = [self._text_length(args[i][0]) for i in indices]
+            for batch in sorted_batches(lengths, self.batch_size):
+                chosen = [indices[j] for j in batch]
+                prompts = [self._prompt(args[i][0], *args[i][2:6]) for i in chosen]
+                for i, text in zip(chosen, self.runner.generate_batch(prompts, options)):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), text)
+                pbar.update(len(chosen))
+        pbar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        args = [r.args for r in requests]
+        continuations = []
+        for context, target, _, doc_id, task, split in args:
+            continuations.append(target if isinstance(target, str) else target(self.task_dict[task][split][doc_id]))
+        results: list[tuple[float, bool] | None] = [None] * len(args)
+        lengths = [self._text_length(a[0] + c) for a, c in zip(args, continuations)]
+        pbar = tqdm(total=len(args), disable=self.rank != 0, desc="llava_smoe loglikelihood")
+        for batch in sorted_batches(lengths, self.batch_size):
+            prompts = [self._prompt(args[i][0], *args[i][2:6]) for i in batch]
+            scored = self.runner.loglikelihood_batch(prompts, [continuations[i] for i in batch])
+            for i, r in zip(batch, scored):
+                results[i] = r
+                self.cache_hook.add_partial("loglikelihood", (args[i][0], continuations[i]), r)
+            pbar.update(len(batch))
+        pbar.close()
+        return results  # type: ignore[return-value]
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError(
+            "llava_smoe does not implement generate_until_multi_round (multi-round tasks such as "
+            "mmsearch); run single-round generate_until or loglikelihood tasks"
+        )
+
+
+def _flatten(visuals: Any) -> list:
+    if visuals is None:
+        return []
+    if not isinstance(visuals, (list, tuple)):
+        return [visuals]
+    return [v for item in visuals for v in _flatten(item)]
