@@ -12,6 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("llava_smoe.quickstart", "the whole pipeline on the built-in synthetic task: data, every tiny stage, evaluation"),
     "bench": ("llava_smoe.bench.cli", "benchmark MoE layers against dense and transformers baselines"),
     "train": ("llava_smoe.training.cli", "train from a YAML recipe with dotted overrides (torch or DeepSpeed back end)"),
     "data": ("llava_smoe.data.cli", "generate the synthetic shapes-world dataset; check a LLaVA dataset"),

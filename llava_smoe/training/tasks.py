@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 _BUILTIN_TASK_MODULES: dict[str, str] = {
     "toy": "llava_smoe.training.toy",
     "lm": "llava_smoe.lm.task",
+    "vlm": "llava_smoe.training.vlm_task",
 }
 
 

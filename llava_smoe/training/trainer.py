@@ -13,6 +13,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,7 @@ class Trainer:
         # Fixed for the run so every step (and rank) reduces the same vector; a step may
         # produce fewer (CompeteSMoE's competition losses exist only on competition steps).
         self._aux_names = aux_loss_names(self.module)
+        self.skipped_samples: Counter[str] = Counter()  # by reason, this process, since start
 
     def _build_backend(self, model, optimizer, has_moe: bool) -> Backend:
         if self.cfg.backend == "deepspeed":
@@ -254,7 +256,9 @@ class Trainer:
                            f"train.max_nonfinite={cfg.max_nonfinite}; last checkpoint: {last_saved or 'none'}. "
                            "Lower the learning rate or check the data, then resume from that checkpoint.")
             if step % cfg.log_every == 0 or step == self.total_steps or status != "completed":
-                logger.log(interval.record(step, state.epoch, lrs, state.nonfinite, self.module))
+                record = interval.record(step, state.epoch, lrs, state.nonfinite, self.module)
+                record.update({f"data/skipped/{k}": v for k, v in self.skipped_samples.items()})
+                logger.log(record)
                 interval = _Interval()
             if status != "completed":
                 break
@@ -290,6 +294,8 @@ class Trainer:
         tokens = 0
         for i in range(ga):
             batch = next(batches)
+            if isinstance(batch, dict) and "skipped" in batch:  # samples a data policy dropped
+                self.skipped_samples.update(batch.pop("skipped"))
             tokens += self.parts.count_tokens(batch)
             batch = to_device(batch, self.dist.device)
             boundary = i == ga - 1

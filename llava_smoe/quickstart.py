@@ -1,0 +1,134 @@
+"""The embedded default, end to end: synthetic data, every tiny stage, held-out evaluation.
+
+`llava-smoe quickstart` (what `scripts/quickstart.sh` runs) generates the shapes world, pretrains
+the tiny language model on its text, pretrains the projector (and the tiny vision tower) on its
+captions, upcycles the LM into MoE layers with the chosen router and instruction-tunes, then
+answers the held-out test questions twice: with the image, and with the image replaced by a
+blank one (the answers must depend on the image). Results go to `OUT/summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+STAGES = ("lm", "pretrain", "finetune_moe")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from llava_smoe.moe import available_routers
+
+    parser.add_argument("--router", default="competesmoe", choices=available_routers(),
+                        help="router of the MoE stage (default: competesmoe)")
+    parser.add_argument("--out", default="playground/quickstart", help="where checkpoints and results go")
+    parser.add_argument("--data", default="playground/data/shapes", help="where the synthetic data goes")
+    parser.add_argument("--recipes", default="train/tiny", help="folder of the tiny stage recipes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = run_quickstart(Path(args.out), Path(args.data), Path(args.recipes), args.router, args.seed,
+                             progress=not args.no_progress)
+    print_summary(summary)
+    return 0
+
+
+def _synthesize(data: Path, seed: int) -> None:
+    from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
+
+    manifest = data / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("config", {}).get("seed") == seed:
+        print(f"==> data: reusing {data}")
+        return
+    print(f"==> data: generating the shapes world into {data}")
+    generate_shapes_world(ShapesWorldConfig(seed=seed), data)
+
+
+def _stage_overrides(stage: str, out: Path, data: Path, router: str, seed: int, progress: bool) -> list[str]:
+    d, o = str(data), str(out)
+    common = [f"train.output_dir={o}/{stage}", f"train.seed={seed}", f"train.progress_bar={progress}"]
+    if stage == "lm":
+        return common + [f"lm.data=[{d}/text.txt]", f"lm.tokenizer={d}/tokenizer",
+                         f"lm.cache_dir={o}/cache"]
+    paths = [f"vlm.image_folder={d}/images"]
+    if stage == "pretrain":
+        return common + paths + [f"vlm.data={d}/pretrain.json", f"vlm.tokenizer={d}/tokenizer",
+                                 f"vlm.model.language_model.name_or_path={o}/lm/final"]
+    return common + paths + [f"vlm.data={d}/instruct_train.json", f"vlm.eval_data={d}/instruct_val.json",
+                             f"vlm.init_from={o}/pretrain/final", f"vlm.moe.router={router}"]
+
+
+def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int = 0,
+                   progress: bool = True) -> dict:
+    from llava_smoe.training import load_recipe
+    from llava_smoe.training.trainer import train
+
+    start = time.perf_counter()
+    for stage in STAGES:
+        if not (recipes / f"{stage}.yaml").is_file():
+            raise FileNotFoundError(f"{recipes / f'{stage}.yaml'} not found: run from the repository root "
+                                    "or pass --recipes")
+    _synthesize(data, seed)
+    seconds = {"data": round(time.perf_counter() - start, 1)}
+    for stage in STAGES:
+        t0 = time.perf_counter()
+        print(f"==> stage {stage}: {recipes / f'{stage}.yaml'}")
+        run_config = load_recipe(recipes / f"{stage}.yaml", _stage_overrides(stage, out, data, router, seed, progress))
+        result = train(run_config)
+        if result.status != "completed":
+            raise RuntimeError(f"stage {stage} did not complete: {result.message}")
+        seconds[stage] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    checkpoint = out / "finetune" / "final"
+    summary = evaluate(checkpoint, data)
+    seconds["eval"] = round(time.perf_counter() - t0, 1)
+    summary.update(router=router, seconds=round(time.perf_counter() - start, 1), stage_seconds=seconds,
+                   checkpoint=str(checkpoint), seed=seed)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def evaluate(checkpoint: Path, data: Path) -> dict:
+    """Exact-match accuracy on the held-out test split, with the image and blind."""
+    from llava_smoe.evaluation import evaluate_exact_match
+    from llava_smoe.model import load_model
+    from llava_smoe.processing import LlavaSmoeProcessor
+
+    model = load_model(str(checkpoint)).eval()
+    processor = LlavaSmoeProcessor.from_pretrained(checkpoint)
+    records = json.loads((data / "instruct_test.json").read_text())
+    images = str(data / "images")
+    seen = evaluate_exact_match(model, processor, records, images, blind=False)
+    blind = evaluate_exact_match(model, processor, records, images, blind=True)
+    return {
+        "accuracy": seen.accuracy,
+        "blind_accuracy": blind.accuracy,
+        "num_questions": seen.num_questions,
+        "accuracy_by_type": seen.per_type,
+        "blind_accuracy_by_type": blind.per_type,
+    }
+
+
+def print_summary(summary: dict) -> None:
+    print()
+    print("| router | accuracy | blind accuracy | questions | seconds |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| {summary['router']} | {summary['accuracy']:.3f} | {summary['blind_accuracy']:.3f} "
+          f"| {summary['num_questions']} | {summary['seconds']:.0f} |")
+    print()
+    for qtype, acc in sorted(summary["accuracy_by_type"].items()):
+        print(f"  {qtype:<20} {acc:.3f}  (blind {summary['blind_accuracy_by_type'].get(qtype, float('nan')):.3f})")
+    ckpt = summary["checkpoint"]
+    print(f"\ncheckpoint: {ckpt}")
+    print(f"chat with it:   llava-smoe chat {ckpt} --image playground/data/shapes/images/test/<file>.png")
+    print(f"web demo:       llava-smoe web {ckpt}")

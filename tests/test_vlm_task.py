@@ -1,0 +1,97 @@
+"""The `vlm` task end to end on a tiny shapes world: a fresh stage, then an MoE upcycling stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
+from llava_smoe.training import load_recipe
+from llava_smoe.training.config import ConfigError
+from llava_smoe.training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes_world(ShapesWorldConfig(seed=0, num_train=48, num_val=8, num_test=8, num_heldout=4), out)
+    return out
+
+
+def tiny_model(world):
+    return {
+        "vision": {"backend": "hf", "freeze": False, "feature_layer": -1,
+                   "hf_config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32,
+                                 "patch_size": 16}},
+        "projector": {"type": "mlp2x_gelu"},
+        "language_model": {"config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
+                                      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                      "max_position_embeddings": 128}},
+    }
+
+
+def write_recipe(path, task: dict, out, steps, lr=3e-3):
+    import yaml
+
+    recipe = {
+        "task": "vlm",
+        "vlm": task,
+        "train": {"output_dir": str(out), "max_steps": steps, "micro_batch_size": 8, "precision": "fp32",
+                  "log_every": 1, "tensorboard": False, "progress_bar": False},
+        "optim": {"groups": [{"name": "all", "patterns": ["*"], "lr": lr}], "warmup_ratio": 0.0},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_fresh_stage_then_moe_upcycling_stage(world, tmp_path):
+    torch.set_num_threads(1)
+    stage1 = tmp_path / "stage1"
+    recipe = write_recipe(tmp_path / "s1.yaml", {
+        "data": str(world / "instruct_train.json"), "image_folder": str(world / "images"),
+        "tokenizer": str(world / "tokenizer"), "template": "chatml", "system_prompt": "", "max_length": 96,
+        "model": tiny_model(world),
+    }, stage1, steps=25)
+    result = train(load_recipe(recipe))
+    assert result.status == "completed"
+    seen = losses(stage1)
+    assert sum(seen[-5:]) / 5 < 0.8 * sum(seen[:5]) / 5, seen  # it learns
+
+    stage2 = tmp_path / "stage2"
+    recipe2 = write_recipe(tmp_path / "s2.yaml", {
+        "data": str(world / "instruct_train.json"), "eval_data": str(world / "instruct_val.json"),
+        "image_folder": str(world / "images"), "init_from": str(stage1 / "final"), "max_length": 96,
+        "moe": {"router": "competesmoe", "num_experts": 4, "top_k": 2,
+                "router_options": {"warmup_fraction": 0.0, "competition_prob": 0.5}},
+        "moe_placement": {"language_model": "all"},
+    }, stage2, steps=4)
+    result = train(load_recipe(recipe2))
+    assert result.status == "completed"
+    rows = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/loss" in r for r in rows)
+    assert any(r.get("aux/distill", 0) > 0 for r in rows)  # competition happened on some steps
+
+    from llava_smoe.model import load_model
+    from llava_smoe.moe import moe_layers
+    from llava_smoe.processing import LlavaSmoeProcessor
+
+    model = load_model(str(stage2 / "final"))
+    processor = LlavaSmoeProcessor.from_pretrained(stage2 / "final")
+    assert len(moe_layers(model)) == 2
+    assert model.config.moe().router == "competesmoe"
+    assert processor.config.template == "chatml"
+    assert int(moe_layers(model)[0][1].router.step) == 4  # the schedule position travels with the weights
+
+
+def test_bad_stage_configuration_is_reported(world, tmp_path):
+    recipe = write_recipe(tmp_path / "bad.yaml", {"data": str(world / "instruct_train.json")}, tmp_path / "o", 1)
+    with pytest.raises(ConfigError, match="exactly one of `model`"):
+        train(load_recipe(recipe))
