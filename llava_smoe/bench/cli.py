@@ -1,0 +1,56 @@
+"""`llava-smoe bench moe`: time one MoE layer per router against dense and transformers baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    moe = sub.add_parser("moe", help="forward + backward of one MoE layer per router vs dense FFN and transformers")
+    moe.add_argument("--out", required=True, help="JSON file for the result rows")
+    moe.add_argument("--experts", type=int, default=8, help="number of experts E")
+    moe.add_argument("--top-k", type=int, default=2, help="experts per token k")
+    moe.add_argument("--hidden", type=int, default=512, help="hidden size D")
+    moe.add_argument("--ffn", type=int, default=1024, help="expert FFN size F (the dense baseline has k*F)")
+    moe.add_argument("--tokens", type=int, default=4096)
+    moe.add_argument("--batch", type=int, default=8, help="tokens are laid out [batch, tokens/batch] (MoT groups across the batch)")
+    moe.add_argument("--routers", default=None, help="comma-separated routers (default: every registered router)")
+    moe.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    moe.add_argument("--device", default="cpu")
+    moe.add_argument("--repeats", type=int, default=10, help="timed rounds (each round runs every variant once)")
+    moe.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    moe.add_argument("--hf-experts", default="eager", help="transformers experts_implementation of the hf baseline")
+    moe.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    moe.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from llava_smoe.bench.moe import MoEBenchConfig, markdown_table, run_moe_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = dict(
+        num_experts=args.experts, top_k=args.top_k, hidden_size=args.hidden, ffn_size=args.ffn,
+        tokens=args.tokens, batch=args.batch, dtype=args.dtype, device=args.device,
+        repeats=args.repeats, warmup=args.warmup, hf_experts=args.hf_experts, seed=args.seed,
+    )
+    if args.routers:
+        fields["routers"] = [r.strip() for r in args.routers.split(",") if r.strip()]
+    rows = run_moe_bench(MoEBenchConfig(**fields))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    r0 = rows[0]
+    print(
+        f"E={r0['num_experts']} k={r0['top_k']} D={r0['hidden_size']} F={r0['ffn_size']} tokens={r0['tokens']} "
+        f"{r0['dtype']} on {r0['device']} ({r0['threads']} threads), torch {r0['torch']}, "
+        f"transformers {r0['transformers']}, {r0['repeats']} interleaved rounds"
+    )
+    print(markdown_table(rows))
+    print(f"wrote {out}")
+    return 0
