@@ -89,7 +89,7 @@ def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int 
         seconds[stage] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    checkpoint = out / "finetune" / "final"
+    checkpoint = out / STAGES[-1] / "final"
     summary = evaluate(checkpoint, data)
     seconds["eval"] = round(time.perf_counter() - t0, 1)
     summary.update(router=router, seconds=round(time.perf_counter() - start, 1), stage_seconds=seconds,

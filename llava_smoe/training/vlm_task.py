@@ -88,7 +88,8 @@ def assemble(config: VLMTaskConfig):
     probe = LlavaSmoeProcessor(tokenizer, ProcessorConfig(template=template, system_prompt=config.system_prompt,
                                                           num_image_tokens=1))
     spec = dict(config.model)
-    spec.setdefault("vocab_size", len(tokenizer))
+    if "vocab_size" not in spec and _lm_vocab_size(spec.get("language_model", {})) < len(tokenizer):
+        spec["vocab_size"] = len(tokenizer)  # grow only: some LMs pad their vocabulary past the tokenizer
     spec.setdefault("image_token_id", probe.image_token_id)
     spec.setdefault("chat_template_name", template)
     if config.moe is not None:
@@ -103,6 +104,14 @@ def assemble(config: VLMTaskConfig):
                                     mode={"pad": "pad", "resize": "resize", "crop": "center_crop"}[c.image_pad_mode]),
     ))
     return model, processor
+
+
+def _lm_vocab_size(lm_spec: dict[str, Any]) -> int:
+    if lm_spec.get("name_or_path"):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(lm_spec["name_or_path"]).vocab_size
+    return int(lm_spec.get("config", {}).get("vocab_size", 0))
 
 
 class VLMCollator:
