@@ -2,7 +2,8 @@
 
 `llava-smoe quickstart` (what `scripts/quickstart.sh` runs) generates the shapes world, pretrains
 the tiny language model on its text, pretrains the projector (and the tiny vision tower) on its
-captions, upcycles the LM into MoE layers with the chosen router and instruction-tunes, then
+captions, upcycles the LM into MoE layers with the chosen router and instruction-tunes (a Mixture
+of Tokens model is then converted to token-choice routing and briefly re-tuned), then
 answers the held-out test questions twice: with the image, and with the image replaced by a
 blank one (the answers must depend on the image). Results go to `OUT/summary.json`.
 """
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 STAGES = ("lm", "pretrain", "finetune_moe")
+TRANSITION_STEPS = 150
+NUM_TRAIN_IMAGES = 8000  # distinct layouts: fewer and the tiny tower memorises scenes instead of learning cells  # Mixture of Tokens only: token-choice re-tuning before evaluation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +49,12 @@ def _synthesize(data: Path, seed: int) -> None:
     from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
 
     manifest = data / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("config", {}).get("seed") == seed:
+    made = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
+    if made.get("seed") == seed and made.get("num_train") == NUM_TRAIN_IMAGES:
         print(f"==> data: reusing {data}")
         return
     print(f"==> data: generating the shapes world into {data}")
-    generate_shapes_world(ShapesWorldConfig(seed=seed), data)
+    generate_shapes_world(ShapesWorldConfig(seed=seed, num_train=NUM_TRAIN_IMAGES), data)
 
 
 def _stage_overrides(stage: str, out: Path, data: Path, router: str, seed: int, progress: bool) -> list[str]:
@@ -63,8 +67,11 @@ def _stage_overrides(stage: str, out: Path, data: Path, router: str, seed: int, 
     if stage == "pretrain":
         return common + paths + [f"vlm.data={d}/pretrain.json", f"vlm.tokenizer={d}/tokenizer",
                                  f"vlm.model.language_model.name_or_path={o}/lm/final"]
-    return common + paths + [f"vlm.data={d}/instruct_train.json", f"vlm.eval_data={d}/instruct_val.json",
-                             f"vlm.init_from={o}/pretrain/final", f"vlm.moe.router={router}"]
+    tuning = [f"vlm.data={d}/instruct_train.json", f"vlm.eval_data={d}/instruct_val.json"]
+    if stage == "transition":  # Mixture of Tokens -> token-choice routing, briefly re-tuned
+        return common + paths + tuning + [f"vlm.init_from={o}/finetune_moe/final", "vlm.moe=null",
+                                          "vlm.mot_to_token_choice=smoe", f"train.max_steps={TRANSITION_STEPS}"]
+    return common + paths + tuning + [f"vlm.init_from={o}/pretrain/final", f"vlm.moe.router={router}"]
 
 
 def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int = 0,
@@ -79,17 +86,19 @@ def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int 
                                     "or pass --recipes")
     _synthesize(data, seed)
     seconds = {"data": round(time.perf_counter() - start, 1)}
-    for stage in STAGES:
+    stages = STAGES + (("transition",) if router == "mot" else ())
+    for stage in stages:
         t0 = time.perf_counter()
-        print(f"==> stage {stage}: {recipes / f'{stage}.yaml'}")
-        run_config = load_recipe(recipes / f"{stage}.yaml", _stage_overrides(stage, out, data, router, seed, progress))
+        recipe = recipes / f"{'finetune_moe' if stage == 'transition' else stage}.yaml"
+        print(f"==> stage {stage}: {recipe}")
+        run_config = load_recipe(recipe, _stage_overrides(stage, out, data, router, seed, progress))
         result = train(run_config)
         if result.status != "completed":
             raise RuntimeError(f"stage {stage} did not complete: {result.message}")
         seconds[stage] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    checkpoint = out / STAGES[-1] / "final"
+    checkpoint = out / stages[-1] / "final"
     summary = evaluate(checkpoint, data)
     seconds["eval"] = round(time.perf_counter() - t0, 1)
     summary.update(router=router, seconds=round(time.perf_counter() - start, 1), stage_seconds=seconds,

@@ -61,6 +61,11 @@ class ShapesWorldConfig:
     text_only_fraction: float = 0.05
     holdout_combos: list[tuple[str, str]] = field(default_factory=lambda: [("yellow", "triangle")])
     vocab_size: int = 512
+    # Shape size as a fraction of its cell, and how far it may drift from the cell's centre (as a
+    # fraction of the free space). Small variation keeps a tiny tower's shape features learnable in
+    # CPU minutes; widen both for a harder task.
+    size_range: tuple[float, float] = (0.7, 0.8)
+    jitter: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_val", "num_test", "num_heldout"):
@@ -76,6 +81,11 @@ class ShapesWorldConfig:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if not 0.0 <= self.text_only_fraction < 1.0:
             raise ValueError(f"text_only_fraction must be in [0, 1), got {self.text_only_fraction}")
+        self.size_range = tuple(float(v) for v in self.size_range)
+        if not 0.2 <= self.size_range[0] <= self.size_range[1] <= 1.0:
+            raise ValueError(f"size_range must satisfy 0.2 <= low <= high <= 1, got {self.size_range}")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
         self.holdout_combos = [tuple(c) for c in self.holdout_combos]
         for color, shape in self.holdout_combos:
             if color not in COLORS or shape not in SHAPES:
@@ -111,17 +121,18 @@ def sample_scene(rng: random.Random, split: str, config: ShapesWorldConfig) -> l
     raise RuntimeError(f"could not draw a {n}-shape scene for split {split!r}; use more shapes or another seed")
 
 
-def render_scene(scene: list[Obj], image_size: int, rng: random.Random) -> Image.Image:
+def render_scene(scene: list[Obj], image_size: int, rng: random.Random,
+                 size_range: tuple[float, float] = (0.7, 0.8), jitter: float = 0.2) -> Image.Image:
     side = image_size * SUPERSAMPLE
     cell = side / 2
     canvas = Image.new("RGB", (side, side), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for c, color, shape in scene:
         row, col = divmod(c, 2)
-        size = cell * rng.uniform(0.55, 0.8)
+        size = cell * rng.uniform(*size_range)
         slack = cell - size
-        x0 = col * cell + rng.uniform(0.25, 0.75) * slack
-        y0 = row * cell + rng.uniform(0.25, 0.75) * slack
+        x0 = col * cell + (0.5 + rng.uniform(-0.5, 0.5) * jitter) * slack
+        y0 = row * cell + (0.5 + rng.uniform(-0.5, 0.5) * jitter) * slack
         box = (x0, y0, x0 + size, y0 + size)
         fill = COLORS[color]
         if shape == "circle":
@@ -208,7 +219,7 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
         for i in range(n):
             scene = sample_scene(rng, split, config)
             rel = f"{split}/{i:06d}.png"
-            render_scene(scene, config.image_size, rng).save(os.path.join(out_dir, "images", rel))
+            render_scene(scene, config.image_size, rng, config.size_range, config.jitter).save(os.path.join(out_dir, "images", rel))
             conversation, qtypes = make_conversation(scene, rng, config, split)
             meta = {"scene": scene_key(scene), "types": qtypes}
             files[f"instruct_{split}"].append({"id": f"{split}-{i:06d}", "image": rel, "conversations": conversation, "meta": meta})

@@ -33,6 +33,8 @@ class VLMTaskConfig:
         a checkpoint keeps its own unless a template is given, e.g. 'plain' captioning in
         stage 1, then a chat template for instruction tuning).
     moe / moe_placement: upcycle the loaded model's dense FFNs into MoE layers.
+    mot_to_token_choice: convert the loaded model's Mixture-of-Tokens layers to this token-choice
+        router (e.g. smoe) for "transition tuning", so inference never mixes requests.
     on_bad_sample: "error" stops at the first bad record; "skip" drops and counts them.
     """
 
@@ -48,6 +50,7 @@ class VLMTaskConfig:
     system_prompt: str | None = None
     moe: dict[str, Any] | None = None
     moe_placement: dict[str, Any] = field(default_factory=dict)
+    mot_to_token_choice: str | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.init_from is None):
@@ -79,6 +82,12 @@ def assemble(config: VLMTaskConfig):
             model.config.chat_template_name = config.template
         if config.moe is not None:
             model.apply_moe(MoEConfig.from_dict(config.moe), config.moe_placement or None)
+        if config.mot_to_token_choice is not None:
+            from llava_smoe.moe import convert_mot_to_token_choice, moe_layers
+
+            if not convert_mot_to_token_choice(model, router=config.mot_to_token_choice):
+                raise ConfigError(f"vlm.mot_to_token_choice: {config.init_from} has no Mixture-of-Tokens layer")
+            model.config.moe_config = moe_layers(model)[0][1].config.to_dict()
         return model, processor
 
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
