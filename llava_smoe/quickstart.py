@@ -17,6 +17,7 @@ from pathlib import Path
 
 STAGES = ("lm", "pretrain", "finetune_moe")
 TRANSITION_STEPS = 150
+IMAGE_SIZE = 32  # the tiny tower sees 16 px patches: one per grid cell
 NUM_TRAIN_IMAGES = 8000  # distinct layouts: fewer and the tiny tower memorises scenes instead of learning cells  # Mixture of Tokens only: token-choice re-tuning before evaluation
 
 
@@ -50,11 +51,11 @@ def _synthesize(data: Path, seed: int) -> None:
 
     manifest = data / "manifest.json"
     made = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
-    if made.get("seed") == seed and made.get("num_train") == NUM_TRAIN_IMAGES:
+    if (made.get("seed"), made.get("num_train"), made.get("image_size")) == (seed, NUM_TRAIN_IMAGES, IMAGE_SIZE):
         print(f"==> data: reusing {data}")
         return
     print(f"==> data: generating the shapes world into {data}")
-    generate_shapes_world(ShapesWorldConfig(seed=seed, num_train=NUM_TRAIN_IMAGES), data)
+    generate_shapes_world(ShapesWorldConfig(seed=seed, num_train=NUM_TRAIN_IMAGES, image_size=IMAGE_SIZE), data)
 
 
 def _stage_overrides(stage: str, out: Path, data: Path, router: str, seed: int, progress: bool) -> list[str]:
@@ -67,7 +68,7 @@ def _stage_overrides(stage: str, out: Path, data: Path, router: str, seed: int, 
     if stage == "pretrain":
         return common + paths + [f"vlm.data={d}/pretrain.json", f"vlm.tokenizer={d}/tokenizer",
                                  f"vlm.model.language_model.name_or_path={o}/lm/final"]
-    tuning = [f"vlm.data={d}/instruct_train.json", f"vlm.eval_data={d}/instruct_val.json"]
+    tuning = [f"vlm.data=[{d}/instruct_train.json,{d}/pretrain.json]", f"vlm.eval_data={d}/instruct_val.json"]
     if stage == "transition":  # Mixture of Tokens -> token-choice routing, briefly re-tuned
         return common + paths + tuning + [f"vlm.init_from={o}/finetune_moe/final", "vlm.moe=null",
                                           "vlm.mot_to_token_choice=smoe", f"train.max_steps={TRANSITION_STEPS}"]

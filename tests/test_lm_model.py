@@ -72,30 +72,31 @@ def test_config_errors_name_the_fix():
                                moe_layers=[5]), vocab_size=50, max_seq_len=16)
 
 
-def test_saved_lm_weights_load_into_the_vlm_without_conversion(tmp_path):
-    """Stage 2 from a pretrained MoE LM: a VLM built with the LM's config, MoE config and placement
-    has the same parameter names, so the LM's weights load strictly into `vlm.language_model`."""
-    from safetensors.torch import load_model
-
-    from llava_smoe.model import build_model, tiny_vision_config
+def test_saved_lm_is_the_vlm_language_model_without_conversion(tmp_path):
+    """Stage 2 from a pretrained MoE LM: the VLM loads the folder by path, MoE layers included, and
+    reloads from its own checkpoint with the same outputs."""
+    from llava_smoe.model import build_model, load_model, tiny_vision_config
+    from llava_smoe.model.language_model import upcycle_blocks
+    from llava_smoe.moe import MoEConfig
 
     moe = {"num_experts": 4, "top_k": 2, "router": "competesmoe"}
     lm = build_lm(LMModelConfig(architecture=arch(), moe=moe, moe_layers="all"), vocab_size=96, max_seq_len=64)
     out = save_lm(lm, tmp_path / "lm")
-    text_config = json.loads((out / "config.json").read_text())
-    moe_config, layers = lm_moe_spec(text_config)
-    text_config = {k: v for k, v in text_config.items() if k not in ("llava_smoe_moe", "transformers_version")}
     vlm = build_model({
         "vision": tiny_vision_config("clip"),
         "projector": {"type": "mlp2x_gelu"},
-        "language_model": {"config": text_config},
+        "language_model": {"name_or_path": str(out)},
         "image_token_id": 95,
-        "moe": moe_config.to_dict(),
-        "moe_placement": {"language_model": layers},
     })
-    load_model(vlm.language_model, str(out / "model.safetensors"), strict=True)
+    assert [n for n, _ in moe_layers(vlm)] == ["language_model.model.layers.0.mlp", "language_model.model.layers.1.mlp"]
     x = torch.randint(0, 95, (1, 10))
     lm.eval()
     vlm.eval()
     with torch.no_grad():
         torch.testing.assert_close(vlm(input_ids=x).logits, lm(input_ids=x).logits, rtol=0, atol=0)
+    vlm.save_pretrained(tmp_path / "vlm")
+    again = load_model(str(tmp_path / "vlm")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=x).logits, lm(input_ids=x).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already an MoE layer"):  # surgery applies to dense FFNs only
+        upcycle_blocks(again.language_model.model.layers, [0], MoEConfig(), where="language model")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import ConcatDataset
 
 from llava_smoe.data import DataCollator, DataConfig, LlavaDataset
 from llava_smoe.training.config import ConfigError
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class VLMTaskConfig:
-    """data / eval_data: LLaVA JSON or JSONL; image paths are relative to image_folder.
+    """data / eval_data: LLaVA JSON or JSONL (data may list several, concatenated); image paths
+        are relative to image_folder.
     model: a build_model dict (a fresh assembly) - or init_from: a previous stage's `final`.
     tokenizer: the tokenizer folder for a fresh assembly (its processor is built here).
     template / system_prompt: the conversation format (default vicuna_v1 for a fresh assembly;
@@ -38,7 +40,7 @@ class VLMTaskConfig:
     on_bad_sample: "error" stops at the first bad record; "skip" drops and counts them.
     """
 
-    data: str
+    data: str | list[str]
     image_folder: str | None = None
     eval_data: str | None = None
     max_length: int = 2048
@@ -153,10 +155,11 @@ def build_vlm(config: VLMTaskConfig, run) -> TaskParts:
     def dataset(path: str) -> LlavaDataset:
         return LlavaDataset(DataConfig(path, config.image_folder, config.max_length, config.on_bad_sample), processor)
 
-    train_set = dataset(config.data)
-    if train_set.skip_stats.total:
-        log.warning("vlm: skipped %d records of %s: %s", train_set.skip_stats.total, config.data,
-                    train_set.skip_stats.as_dict())
+    parts = [dataset(path) for path in ([config.data] if isinstance(config.data, str) else config.data)]
+    for path, part in zip(config.data if isinstance(config.data, list) else [config.data], parts):
+        if part.skip_stats.total:
+            log.warning("vlm: skipped %d records of %s: %s", part.skip_stats.total, path, part.skip_stats.as_dict())
+    train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     return TaskParts(
         model=model,
         train_dataset=train_set,
