@@ -7,6 +7,7 @@ import torch
 
 import moe_reference as ref
 from llava_smoe.moe import MoEConfig, MoELayer, collect_aux_losses, configure_moe_schedule
+from llava_smoe.moe.routers.base import RouteCall
 
 D, F_SIZE, E, K = 12, 20, 4, 2
 
@@ -139,7 +140,7 @@ def test_shared_experts_add_dense_path():
     layer = make_layer("smoe", {}, num_shared_experts=1)
     x = torch.randn(6, D)
     with torch.no_grad():
-        routed_only = layer.router(x, layer.experts, __import__("llava_smoe.moe.routers.base", fromlist=["RouteCall"]).RouteCall("loop", (6,)))[0]
+        routed_only = layer.router(x, layer.experts, RouteCall("loop", (6,)))[0]
         shared = layer.shared_experts.forward_expert(x, 0)
         torch.testing.assert_close(layer(x), routed_only + shared, rtol=1e-5, atol=1e-6)
 
