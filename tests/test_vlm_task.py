@@ -95,3 +95,35 @@ def test_bad_stage_configuration_is_reported(world, tmp_path):
     recipe = write_recipe(tmp_path / "bad.yaml", {"data": str(world / "instruct_train.json")}, tmp_path / "o", 1)
     with pytest.raises(ConfigError, match="exactly one of `model`"):
         train(load_recipe(recipe))
+
+
+def test_mixture_of_tokens_stage_then_transition_to_token_choice(world, tmp_path):
+    torch.set_num_threads(1)
+    common = {"data": str(world / "instruct_train.json"), "image_folder": str(world / "images"), "max_length": 192}
+    stage1 = tmp_path / "dense"
+    train(load_recipe(write_recipe(tmp_path / "s1.yaml", {
+        **common, "tokenizer": str(world / "tokenizer"), "template": "chatml", "model": tiny_model(world)},
+        stage1, steps=2)))
+    mot = tmp_path / "mot"
+    train(load_recipe(write_recipe(tmp_path / "s2.yaml", {
+        **common, "init_from": str(stage1 / "final"),
+        "moe": {"router": "mot", "num_experts": 4, "top_k": 1, "router_options": {"group_size": 4}},
+        "moe_placement": {"language_model": "all"}}, mot, steps=2)))
+    tuned = tmp_path / "transition"
+    result = train(load_recipe(write_recipe(tmp_path / "s3.yaml", {
+        **common, "init_from": str(mot / "final"), "mot_to_token_choice": "smoe"}, tuned, steps=2)))
+    assert result.status == "completed"
+
+    from llava_smoe.model import load_model
+    from llava_smoe.moe import moe_layers
+
+    model = load_model(str(tuned / "final")).eval()
+    assert {type(layer.router).__name__ for _, layer in moe_layers(model)} == {"SMoERouter"}
+    assert model.config.moe().router == "smoe"
+    with torch.no_grad():  # a single sequence: impossible for groups of 4, fine for token choice
+        out = model(input_ids=torch.tensor([[1, 5, 7, 9]]))
+    assert torch.isfinite(out.logits).all()
+
+    with pytest.raises(ConfigError, match="has no Mixture-of-Tokens layer"):
+        train(load_recipe(write_recipe(tmp_path / "s4.yaml", {
+            **common, "init_from": str(stage1 / "final"), "mot_to_token_choice": "smoe"}, tmp_path / "x", 1)))
