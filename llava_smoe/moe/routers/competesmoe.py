@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import register_router
 from .base import RouteCall, RouterOptions, balance_loss, router_options, softmax_topk_gate
@@ -171,7 +170,8 @@ class CompeteSMoERouter(SMoERouter):
         if o.competition_balance_coef:
             aux["balance"] = o.competition_balance_coef * balance_loss(target_TE, idx_TK)
 
-        token_P = torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(K)
+        token_P = (torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(K)
+                   if call.token_groups_T is not None else None)  # only needed to split by modality
         self.record_assignment(idx_TK.reshape(-1), token_P, call)
         self.record_entropy(router_probs_TE)
         with torch.no_grad():
