@@ -1,8 +1,8 @@
 """The embedded default, end to end: synthetic data, every tiny stage, held-out evaluation.
 
 `llava-smoe quickstart` (what `scripts/quickstart.sh` runs) generates the shapes world, pretrains
-the tiny language model on its text, pretrains the projector (and the tiny vision tower) on its
-captions, upcycles the LM into MoE layers with the chosen router and instruction-tunes (a Mixture
+the tiny vision tower contrastively on its captions (CLIP's loss) and the tiny language model on
+its text, pretrains the projector (and the LM) on the captions with the tower frozen, upcycles the LM into MoE layers with the chosen router and instruction-tunes (a Mixture
 of Tokens model is then converted to token-choice routing and briefly re-tuned), then
 answers the held-out test questions twice: with the image, and with the image replaced by a
 blank one (the answers must depend on the image). Results go to `OUT/summary.json`.
@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-STAGES = ("lm", "pretrain", "finetune_moe")
-TRANSITION_STEPS = 150
+STAGES = ("vision", "lm", "pretrain", "finetune_moe")
+TRANSITION_STEPS = 150  # Mixture of Tokens only: token-choice re-tuning before evaluation
 IMAGE_SIZE = 32  # the tiny tower sees 16 px patches: one per grid cell
-NUM_TRAIN_IMAGES = 8000  # distinct layouts: fewer and the tiny tower memorises scenes instead of learning cells  # Mixture of Tokens only: token-choice re-tuning before evaluation
+NUM_TRAIN_IMAGES = 8000  # distinct layouts: fewer and the tiny model memorises scenes instead of learning cells
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    parser.add_argument("--num-train", type=int, default=NUM_TRAIN_IMAGES,
+                        help=f"training images to generate (default: {NUM_TRAIN_IMAGES})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted recipe override applied to every stage, e.g. train.max_steps=20 (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,32 +46,36 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = run_quickstart(Path(args.out), Path(args.data), Path(args.recipes), args.router, args.seed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, num_train=args.num_train, overrides=args.overrides)
     print_summary(summary)
     return 0
 
 
-def _synthesize(data: Path, seed: int) -> None:
+def _synthesize(data: Path, seed: int, num_train: int) -> None:
     from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
 
+    config = ShapesWorldConfig(seed=seed, num_train=num_train, image_size=IMAGE_SIZE)
     manifest = data / "manifest.json"
     made = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
-    if (made.get("seed"), made.get("num_train"), made.get("image_size")) == (seed, NUM_TRAIN_IMAGES, IMAGE_SIZE):
+    if made == json.loads(json.dumps(asdict(config))):  # the same generator settings: same bytes
         print(f"==> data: reusing {data}")
         return
     print(f"==> data: generating the shapes world into {data}")
-    generate_shapes_world(ShapesWorldConfig(seed=seed, num_train=NUM_TRAIN_IMAGES, image_size=IMAGE_SIZE), data)
+    generate_shapes_world(config, data)
 
 
 def _stage_overrides(stage: str, out: Path, data: Path, router: str, seed: int, progress: bool) -> list[str]:
     d, o = str(data), str(out)
     common = [f"train.output_dir={o}/{stage}", f"train.seed={seed}", f"train.progress_bar={progress}"]
+    if stage == "vision":
+        return common + [f"clip.data={d}/pretrain.json", f"clip.image_folder={d}/images", f"clip.tokenizer={d}/tokenizer"]
     if stage == "lm":
         return common + [f"lm.data=[{d}/text.txt]", f"lm.tokenizer={d}/tokenizer",
                          f"lm.cache_dir={o}/cache"]
     paths = [f"vlm.image_folder={d}/images"]
     if stage == "pretrain":
         return common + paths + [f"vlm.data={d}/pretrain.json", f"vlm.tokenizer={d}/tokenizer",
+                                 f"vlm.model.vision.name_or_path={o}/vision/final",
                                  f"vlm.model.language_model.name_or_path={o}/lm/final"]
     tuning = [f"vlm.data=[{d}/instruct_train.json,{d}/pretrain.json]", f"vlm.eval_data={d}/instruct_val.json"]
     if stage == "transition":  # Mixture of Tokens -> token-choice routing, briefly re-tuned
@@ -75,8 +84,8 @@ def _stage_overrides(stage: str, out: Path, data: Path, router: str, seed: int, 
     return common + paths + tuning + [f"vlm.init_from={o}/pretrain/final", f"vlm.moe.router={router}"]
 
 
-def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int = 0,
-                   progress: bool = True) -> dict:
+def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int = 0, progress: bool = True,
+                   num_train: int = NUM_TRAIN_IMAGES, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     from llava_smoe.training import load_recipe
     from llava_smoe.training.trainer import train
 
@@ -85,14 +94,14 @@ def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int 
         if not (recipes / f"{stage}.yaml").is_file():
             raise FileNotFoundError(f"{recipes / f'{stage}.yaml'} not found: run from the repository root "
                                     "or pass --recipes")
-    _synthesize(data, seed)
+    _synthesize(data, seed, num_train)
     seconds = {"data": round(time.perf_counter() - start, 1)}
     stages = STAGES + (("transition",) if router == "mot" else ())
     for stage in stages:
         t0 = time.perf_counter()
         recipe = recipes / f"{'finetune_moe' if stage == 'transition' else stage}.yaml"
         print(f"==> stage {stage}: {recipe}")
-        run_config = load_recipe(recipe, _stage_overrides(stage, out, data, router, seed, progress))
+        run_config = load_recipe(recipe, _stage_overrides(stage, out, data, router, seed, progress) + list(overrides))
         result = train(run_config)
         if result.status != "completed":
             raise RuntimeError(f"stage {stage} did not complete: {result.message}")

@@ -6,10 +6,10 @@ import pytest
 
 from llava_smoe.cli import main as cli_main
 from llava_smoe.data import DataConfig, LlavaDataset, ShapesWorldConfig, generate_shapes_world
-from llava_smoe.data.synth import COLORS, SHAPES
+from llava_smoe.data.synth import COLORS, DEFAULT_QUESTION_TYPES, QUESTION_TYPES, SHAPES
 from llava_smoe.processing import LlavaSmoeProcessor, ProcessorConfig
 
-SMALL = dict(num_train=300, num_val=40, num_test=60, num_heldout=20, image_size=32)
+SMALL = dict(num_train=300, num_val=40, num_test=60, num_heldout=20, image_size=32, question_types=list(QUESTION_TYPES))
 
 
 def digest(folder):
@@ -20,7 +20,8 @@ def digest(folder):
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
     assert cli_main(["data", "synth", "--out", str(out), "--seed", "0", "--num-train", "300", "--num-val", "40",
-                     "--num-test", "60", "--num-heldout", "20", "--image-size", "32"]) == 0
+                     "--num-test", "60", "--num-heldout", "20", "--image-size", "32",
+                     "--question-types", ",".join(QUESTION_TYPES)]) == 0  # presence questions too
     return out
 
 
@@ -108,3 +109,19 @@ def test_config_validation():
         ShapesWorldConfig(holdout_combos=[("purple", "circle")])
     with pytest.raises(ValueError, match="num_heldout"):
         ShapesWorldConfig(holdout_combos=[], num_heldout=5)
+    with pytest.raises(ValueError, match="question_types"):
+        ShapesWorldConfig(question_types=["colour"])
+    with pytest.raises(ValueError, match="askable about every scene"):
+        ShapesWorldConfig(question_types=["side"])
+
+
+def test_question_types_choose_what_is_asked(tmp_path):
+    default = generate_shapes_world(ShapesWorldConfig(seed=1, num_train=60, num_val=0, num_test=0, num_heldout=0),
+                                    tmp_path / "default")
+    assert set(default["question_types"]["train"]) == set(DEFAULT_QUESTION_TYPES) and "exists" not in DEFAULT_QUESTION_TYPES
+    chosen = generate_shapes_world(ShapesWorldConfig(seed=1, num_train=60, num_val=0, num_test=0, num_heldout=0,
+                                                     question_types=["count", "exists"], max_turns=2), tmp_path / "two")
+    assert set(chosen["question_types"]["train"]) == {"count", "exists"}
+    records = json.loads((tmp_path / "two" / "instruct_train.json").read_text())
+    asked = [t["value"] for r in records if "meta" in r for t in r["conversations"] if t["from"] == "human"]
+    assert all(q.replace("<image>\n", "").startswith(("How many", "Is there")) for q in asked)

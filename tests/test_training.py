@@ -155,6 +155,19 @@ def test_param_groups_freeze_unmatched_and_reject_empty_groups(tmp_path):
         build_param_groups(model, run.optim)
 
 
+def test_param_groups_never_unfreeze_what_the_model_froze(tmp_path):
+    run = load_recipe(write_recipe(tmp_path), [])
+    model = ToyLM(ToyTaskConfig(hidden_size=16, moe=None))
+    model.embed.weight.requires_grad_(False)  # as a tower with `freeze: true` is built
+    run.optim.groups[0].patterns = ["*"]
+    groups, _, frozen = build_param_groups(model, run.optim)
+    assert frozen == model.embed.weight.numel() and not model.embed.weight.requires_grad
+    assert all(p is not model.embed.weight for g in groups for p in g["params"])
+    run.optim.groups[0].patterns = ["embed.*"]
+    with pytest.raises(ConfigError, match="frozen by the model config"):
+        build_param_groups(model, run.optim)
+
+
 def test_mixture_of_tokens_micro_batch_is_validated(tmp_path):
     moe = {"num_experts": 4, "top_k": 2, "router": "mot", "router_options": {"group_size": 4}}
     with pytest.raises(ConfigError, match="micro_batch_size=6.*group"):

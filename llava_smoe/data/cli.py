@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--max-shapes", type=int, default=3)
     synth.add_argument("--max-turns", type=int, default=3)
     synth.add_argument("--vocab-size", type=int, default=512)
+    synth.add_argument("--question-types", default=None,
+                       help="comma-separated subset of count,color_of_shape,shape_of_color,shape_at,color_at,"
+                            "exists,side (default: all but exists)")
 
     check = sub.add_parser("check", help="build every sample once and report bad ones")
     check.add_argument("--data", required=True, help="LLaVA .json or .jsonl file")
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
             num_heldout=args.num_heldout, image_size=args.image_size, max_shapes=args.max_shapes,
             max_turns=args.max_turns, vocab_size=args.vocab_size,
+            **({"question_types": args.question_types.split(",")} if args.question_types else {}),
         )
         manifest = generate_shapes_world(config, args.out)
         print(json.dumps(manifest["counts"], indent=1))

@@ -133,16 +133,7 @@ class LlavaDataset(Dataset):
                 f"sample is {length} tokens, longer than max_length={self.config.max_length}",
                 source=source, index=record_index, record_id=info.record_id,
             )
-        image = None
-        if info.image_path is not None:
-            try:
-                pil = load_image(info.image_path)
-            except Exception as e:  # PIL raises several unrelated types for bad files
-                raise BadSampleError(
-                    "unreadable_image", f"cannot decode image {info.image_path}: {e}",
-                    source=source, index=record_index, record_id=info.record_id,
-                ) from e
-            image = self.processor.preprocess_images([pil])[0]
+        image = self._image(info, record_index)
         return {
             "input_ids": encoded["input_ids"],
             "labels": encoded["labels"],
@@ -150,6 +141,19 @@ class LlavaDataset(Dataset):
             "has_image": image is not None,
             "index": record_index,
         }
+
+    def _image(self, info, record_index: int):
+        """The record's preprocessed image [3, S, S], or None for a text-only record."""
+        if info.image_path is None:
+            return None
+        try:
+            pil = load_image(info.image_path)
+        except Exception as e:  # PIL raises several unrelated types for bad files
+            raise BadSampleError(
+                "unreadable_image", f"cannot decode image {info.image_path}: {e}",
+                source=self.config.data_path, index=record_index, record_id=info.record_id,
+            ) from e
+        return self.processor.preprocess_images([pil])[0]
 
     def validate(self) -> SkipStats:
         """Build every sample once (decode images, tokenise, check lengths) and return the counts

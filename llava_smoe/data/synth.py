@@ -2,9 +2,9 @@
 
 Images hold 1-3 shapes (circle / square / triangle) in distinct cells of a 2x2 grid, coloured
 from a 4-colour palette, on a plain background. Questions have single-word answers drawn from a
-~20-word vocabulary and are balanced by construction (colour, shape, count, presence, side), so
-answering without looking ("blind") scores near chance while a model that sees the image can
-reach near-perfect exact match.
+~20-word vocabulary and are balanced by construction (count, colour and shape by shape, colour or
+cell, side; presence on request), so answering without looking ("blind") scores near chance while
+a model that sees the image can reach near-perfect exact match.
 
 Splits: every scene layout (which shape of which colour in which cell) belongs to exactly one
 of train / val / test through a seeded hash, so test images are unseen layouts, not just new
@@ -46,6 +46,12 @@ SHAPE_FACTS = [
 ]
 
 Obj = tuple[int, str, str]  # (cell, colour, shape)
+QUESTION_TYPES = ("count", "color_of_shape", "shape_of_color", "shape_at", "color_at", "exists", "side")
+# Presence questions ("Is there a red circle?") are off by default: their answer depends on the
+# question and the image only jointly (each alone says nothing), and gradient descent finds no
+# foothold in CPU minutes: the tiny model stays at chance even when trained on them alone.
+DEFAULT_QUESTION_TYPES = tuple(t for t in QUESTION_TYPES if t != "exists")
+ALWAYS_ASKABLE = {"count", "shape_at", "color_at"}
 
 
 @dataclass
@@ -61,6 +67,7 @@ class ShapesWorldConfig:
     text_only_fraction: float = 0.05
     holdout_combos: list[tuple[str, str]] = field(default_factory=lambda: [("yellow", "triangle")])
     vocab_size: int = 512
+    question_types: list[str] = field(default_factory=lambda: list(DEFAULT_QUESTION_TYPES))
     # Shape size as a fraction of its cell, and how far it may drift from the cell's centre (as a
     # fraction of the free space). Small variation keeps a tiny tower's shape features learnable in
     # CPU minutes; widen both for a harder task.
@@ -92,6 +99,10 @@ class ShapesWorldConfig:
                 raise ValueError(f"held-out combination ({color!r}, {shape!r}) must use colours {list(COLORS)} and shapes {SHAPES}")
         if len(self.holdout_combos) >= len(COLORS) * len(SHAPES) - 1:
             raise ValueError("holding out that many combinations leaves too few to train on")
+        if not set(self.question_types) <= set(QUESTION_TYPES) or not set(self.question_types) & ALWAYS_ASKABLE:
+            raise ValueError(f"question_types must be a subset of {list(QUESTION_TYPES)} with at least one of "
+                             f"{sorted(ALWAYS_ASKABLE)} (askable about every scene), got {self.question_types}")
+        self.question_types = list(self.question_types)
         if self.num_heldout and not self.holdout_combos:
             raise ValueError("num_heldout > 0 needs at least one held-out (colour, shape) combination")
 
@@ -186,11 +197,11 @@ def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorl
             out.append((f"Is the {color} {shape} on the left or the right?", "left" if col == 0 else "right", "side"))
         else:
             out.append((f"Is the {color} {shape} at the top or the bottom?", "top" if row == 0 else "bottom", "side"))
-    return out
+    return [q for q in out if q[2] in config.question_types]
 
 
 def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str) -> tuple[list[dict], list[str]]:
-    candidates = candidate_questions(scene, rng, config, split)
+    candidates = candidate_questions(scene, rng, config, split)  # never empty (ALWAYS_ASKABLE)
     turns = rng.sample(candidates, min(rng.randint(1, config.max_turns), len(candidates)))
     conversation: list[dict] = []
     for k, (question, answer, _) in enumerate(turns):

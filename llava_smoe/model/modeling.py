@@ -88,6 +88,11 @@ class LlavaSmoeForConditionalGeneration(LlavaSmoePreTrainedModel, GenerationMixi
         model.vision_tower.apply_freeze()  # loading creates fresh parameters, trainable by default
         return model
 
+    def set_vision_freeze(self, freeze: bool) -> None:
+        """Freeze or unfreeze the vision tower's dense weights, recorded in the config for later stages."""
+        self.vision_tower.set_freeze(freeze)
+        self.config.vision_config = {**self.config.vision_config, "freeze": freeze}
+
     # -- embeddings (GenerationMixin and resize_token_embeddings go through these) --
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

@@ -26,8 +26,8 @@ from torch import nn
 FeatureSelect = Literal["patch", "cls_patch"]
 
 # Mean/std defaults by vision model family; a checkpoint's preprocessor_config.json overrides them.
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _SIGLIP_MEAN = (0.5, 0.5, 0.5)
 _SIGLIP_STD = (0.5, 0.5, 0.5)
 
@@ -159,14 +159,21 @@ class VisionTower(nn.Module):
 
     def apply_freeze(self) -> None:
         """With config.freeze, stop gradients to the tower's dense weights (MoE layers placed in it train)."""
-        if not self.config.freeze:
-            return
+        if self.config.freeze:
+            self._set_dense_trainable(False)
+
+    def set_freeze(self, freeze: bool) -> None:
+        """Freeze or unfreeze the tower's dense weights (e.g. to train a frozen checkpoint's tower)."""
+        self.config = replace(self.config, freeze=freeze)
+        self._set_dense_trainable(not freeze)
+
+    def _set_dense_trainable(self, trainable: bool) -> None:
         from llava_smoe.moe import MoELayer
 
         moe_params = {id(p) for m in self.modules() if isinstance(m, MoELayer) for p in m.parameters()}
         for p in self.parameters():
             if id(p) not in moe_params:
-                p.requires_grad_(False)
+                p.requires_grad_(trainable)
 
 
 def _block_index(feature_layer: int, num_blocks: int) -> int:
@@ -216,7 +223,7 @@ class HFVisionTower(VisionTower):
         self.image_size = vc.image_size
         self.patch_size = vc.patch_size
         self.has_cls_token = family == "clip"
-        default_mean, default_std = (_CLIP_MEAN, _CLIP_STD) if family == "clip" else (_SIGLIP_MEAN, _SIGLIP_STD)
+        default_mean, default_std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (_SIGLIP_MEAN, _SIGLIP_STD)
         self.image_mean = config.image_mean or default_mean
         self.image_std = config.image_std or default_std
         self._finish_init()

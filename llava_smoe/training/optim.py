@@ -24,34 +24,47 @@ class GroupSummary:
 
 
 def build_param_groups(model: nn.Module, config: OptimConfig) -> tuple[list[dict], list[GroupSummary], int]:
-    """Assign each parameter to the first group whose pattern matches its name.
+    """Assign each trainable parameter to the first group whose pattern matches its name.
 
-    Parameters matching no group, or a group with lr 0, are frozen (requires_grad=False).
+    Parameters the model already froze (e.g. a vision tower with `freeze: true`) stay frozen:
+    a group never re-enables them, and a group with lr > 0 that matches only such parameters is
+    an error (the recipe contradicts the model config). Parameters matching no group, or a group
+    with lr 0, are frozen too (requires_grad=False).
     Returns (torch param groups, per-group summary, number of frozen parameters).
     """
     members: dict[str, list[tuple[str, nn.Parameter]]] = {g.name: [] for g in config.groups}
+    model_frozen: dict[str, list[str]] = {g.name: [] for g in config.groups}
     frozen: list[tuple[str, nn.Parameter]] = []
     for name, param in model.named_parameters():
         group = next((g for g in config.groups if any(fnmatch.fnmatchcase(name, p) for p in g.patterns)), None)
         if group is None or group.lr == 0:
+            frozen.append((name, param))
+        elif not param.requires_grad:
+            model_frozen[group.name].append(name)
             frozen.append((name, param))
         else:
             members[group.name].append((name, param))
     names = [n for n, _ in model.named_parameters()]
     for g in config.groups:
         if g.lr > 0 and not members[g.name]:
+            if model_frozen[g.name]:
+                raise ConfigError(
+                    f"optim group {g.name!r}: its {len(model_frozen[g.name])} parameters (e.g. "
+                    f"{model_frozen[g.name][0]}) are frozen by the model config (e.g. vision freeze: true); "
+                    "unfreeze them there or drop the group"
+                )
             sample = ", ".join(names[:8])
             raise ConfigError(
                 f"optim group {g.name!r}: patterns {g.patterns} match no parameter "
                 f"(or all were taken by an earlier group); names look like: {sample}, ..."
             )
+        if model_frozen[g.name]:
+            log.info("optim group %r: %d tensors frozen by the model config stay frozen", g.name, len(model_frozen[g.name]))
     for _, param in frozen:
         param.requires_grad_(False)
     groups, summary = [], []
     for g in config.groups:
         params = [p for _, p in members[g.name]]
-        for p in params:
-            p.requires_grad_(True)
         if params:
             groups.append(
                 {"name": g.name, "params": params, "lr": g.lr, "base_lr": g.lr, "weight_decay": g.weight_decay}

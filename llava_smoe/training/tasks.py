@@ -44,6 +44,7 @@ _BUILTIN_TASK_MODULES: dict[str, str] = {
     "toy": "llava_smoe.training.toy",
     "lm": "llava_smoe.lm.task",
     "vlm": "llava_smoe.training.vlm_task",
+    "clip": "llava_smoe.training.clip_task",
 }
 
 

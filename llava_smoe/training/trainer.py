@@ -118,7 +118,7 @@ class Trainer:
             for g in summary:
                 log.info("param group %-12s lr %.3g: %d tensors, %s parameters",
                          g.name, g.lr, g.tensors, f"{g.parameters:,}")
-            log.info("frozen (no group or lr 0): %s parameters", f"{frozen:,}")
+            log.info("frozen (by the model, no group, or lr 0): %s parameters", f"{frozen:,}")
         optimizer = build_optimizer(groups, run.optim)
 
         self.sampler = ResumableSampler(len(parts.train_dataset), seed=cfg.seed, rank=dist_info.rank,

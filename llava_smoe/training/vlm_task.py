@@ -4,7 +4,8 @@ Recipe section `vlm:` (see `VLMTaskConfig`). A stage either assembles a model (`
 `llava_smoe.model.build_model` dict, plus `tokenizer:` and `template:` for the processor) or
 starts from the previous stage's exported checkpoint (`init_from:`), optionally upcycling its
 dense FFNs into MoE layers (`moe:` + `moe_placement:`). Which parts train is the recipe's
-`optim.groups` (parameters matching no group are frozen). The final model and its processor are
+`optim.groups` (parameters matching no group are frozen), within what the model leaves
+trainable: a tower frozen by `vision.freeze` (or `vision_freeze`) stays frozen. The final model and its processor are
 written to `OUTPUT_DIR/final`, the input of the next stage.
 """
 
@@ -35,6 +36,9 @@ class VLMTaskConfig:
         a checkpoint keeps its own unless a template is given, e.g. 'plain' captioning in
         stage 1, then a chat template for instruction tuning).
     moe / moe_placement: upcycle the loaded model's dense FFNs into MoE layers.
+    vision_freeze: freeze (true) or unfreeze (false) the vision tower's dense weights, overriding
+        the model's `vision.freeze` (e.g. to tune a checkpoint's frozen tower); null keeps it.
+        `optim.groups` never train a frozen tower.
     mot_to_token_choice: convert the loaded model's Mixture-of-Tokens layers to this token-choice
         router (e.g. smoe) for "transition tuning", so inference never mixes requests.
     on_bad_sample: "error" stops at the first bad record; "skip" drops and counts them.
@@ -53,6 +57,7 @@ class VLMTaskConfig:
     moe: dict[str, Any] | None = None
     moe_placement: dict[str, Any] = field(default_factory=dict)
     mot_to_token_choice: str | None = None
+    vision_freeze: bool | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.init_from is None):
@@ -90,6 +95,8 @@ def assemble(config: VLMTaskConfig):
             if not convert_mot_to_token_choice(model, router=config.mot_to_token_choice):
                 raise ConfigError(f"vlm.mot_to_token_choice: {config.init_from} has no Mixture-of-Tokens layer")
             model.config.moe_config = moe_layers(model)[0][1].config.to_dict()
+        if config.vision_freeze is not None:
+            model.set_vision_freeze(config.vision_freeze)
         return model, processor
 
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
@@ -108,6 +115,8 @@ def assemble(config: VLMTaskConfig):
         if config.moe_placement:
             spec.setdefault("moe_placement", config.moe_placement)
     model = build_model(spec)
+    if config.vision_freeze is not None:
+        model.set_vision_freeze(config.vision_freeze)
     c = model.config
     processor = LlavaSmoeProcessor(tokenizer, ProcessorConfig(
         template=template, system_prompt=config.system_prompt, num_image_tokens=c.num_image_tokens,
