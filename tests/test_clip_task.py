@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
 from llava_smoe.data.records import BadSampleError
@@ -67,6 +68,13 @@ def test_contrastive_stage_learns_and_exports_a_tower_a_vlm_stage_loads_frozen(w
     for name, value in tower.model.state_dict().items():
         assert torch.equal(value, trained[f"vision_model.{name}"]), name  # the vision half, as trained
     assert tower(torch.randn(2, 3, 32, 32)).shape == (2, 4, 32)
+    # The text half's keys are expected leftovers; a missing vision weight is an error.
+    broken = tmp_path / "broken"
+    shutil.copytree(final, broken)
+    save_file({k: v for k, v in trained.items() if k != "vision_model.post_layernorm.weight"},
+              broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks.*post_layernorm"):
+        build_vision_tower({"backend": "hf", "name_or_path": str(broken), "feature_layer": -2})
 
     # A projector stage on top: the tower stays frozen, and a recipe that tries to train it is refused.
     vlm = {"data": str(world / "pretrain.json"), "image_folder": str(world / "images"),

@@ -204,7 +204,14 @@ class HFVisionTower(VisionTower):
             cls = getattr(transformers, _hf_family(transformers.AutoConfig.from_pretrained(path).model_type)[0])
             if cls.__name__ == "SiglipVisionModel":
                 kwargs["vision_use_head"] = False  # the pooling head is unused by a VLM
-            self.model = cls.from_pretrained(path, use_safetensors=True, dtype=dtype, **kwargs)
+            # A full CLIP/SigLIP checkpoint holds a text tower too: its keys are expected leftovers,
+            # so transformers' report of them is silenced; a missing vision key is an error instead.
+            with _logging_disabled(logging.WARNING):
+                self.model, info = cls.from_pretrained(path, use_safetensors=True, dtype=dtype,
+                                                       output_loading_info=True, **kwargs)
+            if info["missing_keys"]:
+                raise ValueError(f"vision tower {path}: the checkpoint lacks {sorted(info['missing_keys'])[:5]} "
+                                 f"({len(info['missing_keys'])} missing weights)")
             config = replace(config, **_preprocessor_overrides(path, config))
         else:
             if config.hf_config is not None:
