@@ -2,10 +2,11 @@
 
 `llava-smoe quickstart` (what `scripts/quickstart.sh` runs) generates the shapes world, pretrains
 the tiny vision tower contrastively on its captions (CLIP's loss) and the tiny language model on
-its text, pretrains the projector (and the LM) on the captions with the tower frozen, upcycles the LM into MoE layers with the chosen router and instruction-tunes (a Mixture
-of Tokens model is then converted to token-choice routing and briefly re-tuned), then
-answers the held-out test questions twice: with the image, and with the image replaced by a
-blank one (the answers must depend on the image). Results go to `OUT/summary.json`.
+its text, pretrains the projector (and the LM) on the captions with the tower frozen, upcycles
+the LM into MoE layers with the chosen router and instruction-tunes (a Mixture of Tokens model
+is then converted to token-choice routing and briefly re-tuned), then answers the held-out test
+questions twice: with the image, and with the image replaced by a blank one (the answers must
+depend on the image). Results go to `OUT/summary.json`.
 """
 
 from __future__ import annotations
