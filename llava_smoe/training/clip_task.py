@@ -84,7 +84,7 @@ class CaptionDataset(LlavaDataset):
             raise BadSampleError("too_long", f"caption is {len(ids)} tokens, longer than max_length="
                                  f"{self.config.max_length}", source=self.config.data_path,
                                  index=record_index, record_id=info.record_id)
-        ids_L = torch.tensor(ids, dtype=torch.long)
+        ids_L = torch.tensor(ids, dtype=torch.long)  # "labels" only because DataCollator pads them too
         return {"input_ids": ids_L, "labels": ids_L, "image": self._image(info, record_index), "index": record_index}
 
 
