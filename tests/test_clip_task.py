@@ -16,6 +16,7 @@ from llava_smoe.data.records import BadSampleError
 from llava_smoe.model import build_vision_tower
 from llava_smoe.training import load_recipe
 from llava_smoe.training.config import ConfigError
+from llava_smoe.training.tasks import get_task
 from llava_smoe.training.trainer import train
 
 CLIP_MODEL = {
@@ -120,8 +121,6 @@ def test_bad_caption_records_are_named_or_skipped_and_counted(world, tmp_path):
     with pytest.raises(BadSampleError, match="text-only.*needs an image|needs an image.*text-only"):
         train(run)
 
-    from llava_smoe.training.tasks import get_task
-
     run = clip_recipe(tmp_path / "clip.yaml", world, tmp_path / "out", steps=1, data=str(tmp_path / "bad.json"),
                       on_bad_sample="skip")
     dataset = get_task("clip").build(run).train_dataset
@@ -131,8 +130,6 @@ def test_bad_caption_records_are_named_or_skipped_and_counted(world, tmp_path):
 
 
 def test_clip_config_errors(world, tmp_path):
-    from llava_smoe.training.tasks import get_task
-
     def build(**task):
         return get_task("clip").build(clip_recipe(tmp_path / "c.yaml", world, tmp_path / "o", steps=1, **task))
 

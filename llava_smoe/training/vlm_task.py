@@ -5,8 +5,8 @@ Recipe section `vlm:` (see `VLMTaskConfig`). A stage either assembles a model (`
 starts from the previous stage's exported checkpoint (`init_from:`), optionally upcycling its
 dense FFNs into MoE layers (`moe:` + `moe_placement:`). Which parts train is the recipe's
 `optim.groups` (parameters matching no group are frozen), within what the model leaves
-trainable: a tower frozen by `vision.freeze` (or `vision_freeze`) stays frozen. The final model and its processor are
-written to `OUTPUT_DIR/final`, the input of the next stage.
+trainable: a tower frozen by `vision.freeze` (or `vision_freeze`) stays frozen. The final model
+and its processor are written to `OUTPUT_DIR/final`, the input of the next stage.
 """
 
 from __future__ import annotations
@@ -95,8 +95,6 @@ def assemble(config: VLMTaskConfig):
             if not convert_mot_to_token_choice(model, router=config.mot_to_token_choice):
                 raise ConfigError(f"vlm.mot_to_token_choice: {config.init_from} has no Mixture-of-Tokens layer")
             model.config.moe_config = moe_layers(model)[0][1].config.to_dict()
-        if config.vision_freeze is not None:
-            model.set_vision_freeze(config.vision_freeze)
         return model, processor
 
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
@@ -115,8 +113,6 @@ def assemble(config: VLMTaskConfig):
         if config.moe_placement:
             spec.setdefault("moe_placement", config.moe_placement)
     model = build_model(spec)
-    if config.vision_freeze is not None:
-        model.set_vision_freeze(config.vision_freeze)
     c = model.config
     processor = LlavaSmoeProcessor(tokenizer, ProcessorConfig(
         template=template, system_prompt=config.system_prompt, num_image_tokens=c.num_image_tokens,
@@ -160,6 +156,8 @@ def export(processor):
 @register_task("vlm", VLMTaskConfig)
 def build_vlm(config: VLMTaskConfig, run) -> TaskParts:
     model, processor = assemble(config)
+    if config.vision_freeze is not None:
+        model.set_vision_freeze(config.vision_freeze)
 
     def dataset(path: str) -> LlavaDataset:
         return LlavaDataset(DataConfig(path, config.image_folder, config.max_length, config.on_bad_sample), processor)
