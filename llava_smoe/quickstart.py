@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 def _synthesize(data: Path, seed: int, num_train: int) -> None:
     from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
 
-    config = ShapesWorldConfig(seed=seed, num_train=num_train, image_size=IMAGE_SIZE)
+    config = ShapesWorldConfig(seed=seed, num_train=num_train, image_size=IMAGE_SIZE, single_turn=True)
     manifest = data / "manifest.json"
     made = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
     if made == json.loads(json.dumps(asdict(config))):  # the same generator settings: same bytes

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 from collections import Counter, defaultdict
 
 import pytest
@@ -125,3 +126,28 @@ def test_question_types_choose_what_is_asked(tmp_path):
     records = json.loads((tmp_path / "two" / "instruct_train.json").read_text())
     asked = [t["value"] for r in records if "meta" in r for t in r["conversations"] if t["from"] == "human"]
     assert all(q.replace("<image>\n", "").startswith(("How many", "Is there")) for q in asked)
+
+
+def test_single_turn_asks_the_same_questions_one_per_record(world, tmp_path):
+    from llava_smoe.evaluation.questions import load_questions
+
+    assert cli_main(["data", "synth", "--out", str(tmp_path), "--seed", "0", "--num-train", "300", "--num-val", "40",
+                     "--num-test", "60", "--num-heldout", "20", "--image-size", "32",
+                     "--question-types", ",".join(QUESTION_TYPES), "--single-turn"]) == 0
+    for split in ("train", "test"):
+        single, multi = load(tmp_path, f"instruct_{split}"), load(world, f"instruct_{split}")
+        assert len(single) > len(multi)  # scenes with several questions became several records
+        for record in (r for r in single if "image" in r):
+            human, gpt = record["conversations"]
+            assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
+            assert len(record["meta"]["types"]) == 1 and gpt["from"] == "gpt"
+        def asked(folder):  # training records are shuffled: compare as multisets
+            return sorted((q.question, q.answer, q.question_type, q.image_path and os.path.relpath(q.image_path, folder))
+                          for q in load_questions(str(folder / f"instruct_{split}.json")))
+
+        assert asked(tmp_path) == asked(world)
+    # The images, captions and tokenizer do not depend on how questions are grouped.
+    same = digest(world)
+    for name, sha in digest(tmp_path).items():
+        if not name.startswith(("instruct_", "manifest")):
+            assert same[name] == sha, name

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--num-heldout", type=int, default=100, help="images with held-out colour/shape pairs")
     synth.add_argument("--image-size", type=int, default=32)
     synth.add_argument("--max-shapes", type=int, default=3)
-    synth.add_argument("--max-turns", type=int, default=3)
+    synth.add_argument("--max-turns", type=int, default=3, help="questions per image")
+    synth.add_argument("--single-turn", action="store_true",
+                       help="one record per question (the image before each) instead of one per image")
     synth.add_argument("--vocab-size", type=int, default=512)
     synth.add_argument("--question-types", default=None,
                        help="comma-separated subset of count,color_of_shape,shape_of_color,shape_at,color_at,"
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         config = ShapesWorldConfig(
             seed=args.seed, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
             num_heldout=args.num_heldout, image_size=args.image_size, max_shapes=args.max_shapes,
-            max_turns=args.max_turns, vocab_size=args.vocab_size,
+            max_turns=args.max_turns, single_turn=args.single_turn, vocab_size=args.vocab_size,
             **({"question_types": args.question_types.split(",")} if args.question_types else {}),
         )
         manifest = generate_shapes_world(config, args.out)

@@ -64,6 +64,10 @@ class ShapesWorldConfig:
     image_size: int = 32
     max_shapes: int = 3
     max_turns: int = 3
+    # One record per question, the image before each (as evaluation asks them), instead of one
+    # record holding all of an image's questions: a tiny LM finds a cell's token by its distance
+    # from the question, which later turns make longer and variable.
+    single_turn: bool = False
     text_only_fraction: float = 0.05
     holdout_combos: list[tuple[str, str]] = field(default_factory=lambda: [("yellow", "triangle")])
     vocab_size: int = 512
@@ -210,6 +214,21 @@ def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldC
     return conversation, [t for _, _, t in turns]
 
 
+def _records(record_id: str, image: str, scene: list[Obj], conversation: list[dict], qtypes: list[str],
+             single_turn: bool) -> list[dict]:
+    """One LLaVA record for the conversation, or (single_turn) one per question."""
+    if not single_turn:
+        return [{"id": record_id, "image": image, "conversations": conversation,
+                 "meta": {"scene": scene_key(scene), "types": qtypes}}]
+    records = []
+    for k, (question, answer) in enumerate(zip(conversation[::2], conversation[1::2])):
+        text = question["value"].removeprefix("<image>\n")
+        records.append({"id": f"{record_id}-q{k}", "image": image,
+                        "conversations": [{"from": "human", "value": "<image>\n" + text}, answer],
+                        "meta": {"scene": scene_key(scene), "types": [qtypes[k]]}})
+    return records
+
+
 def _split_seed(seed: int, split: str) -> int:
     return int(hashlib.sha256(f"{seed}/{split}".encode()).hexdigest()[:12], 16)
 
@@ -232,8 +251,7 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
             rel = f"{split}/{i:06d}.png"
             render_scene(scene, config.image_size, rng, config.size_range, config.jitter).save(os.path.join(out_dir, "images", rel))
             conversation, qtypes = make_conversation(scene, rng, config, split)
-            meta = {"scene": scene_key(scene), "types": qtypes}
-            files[f"instruct_{split}"].append({"id": f"{split}-{i:06d}", "image": rel, "conversations": conversation, "meta": meta})
+            files[f"instruct_{split}"] += _records(f"{split}-{i:06d}", rel, scene, conversation, qtypes, config.single_turn)
             answers[split].update(t["value"] for t in conversation if t["from"] == "gpt")
             types[split].update(qtypes)
             if split == "train":
