@@ -141,6 +141,7 @@ def test_single_turn_asks_the_same_questions_one_per_record(world, tmp_path):
             human, gpt = record["conversations"]
             assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
             assert len(record["meta"]["types"]) == 1 and gpt["from"] == "gpt"
+
         def asked(folder):  # training records are shuffled: compare as multisets
             return sorted((q.question, q.answer, q.question_type, q.image_path and os.path.relpath(q.image_path, folder))
                           for q in load_questions(str(folder / f"instruct_{split}.json")))

@@ -143,12 +143,12 @@ def build_clip(config: ClipTaskConfig, run) -> TaskParts:
     parts = [dataset(p) for p in paths]
 
     def export_fn(m: torch.nn.Module, out_dir: Path) -> None:
+        from transformers import CLIPImageProcessor
+
         m.save_pretrained(out_dir)
         processor.tokenizer.save_pretrained(out_dir)
-        (Path(out_dir) / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "CLIPImageProcessor", "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
-            "size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size},
-        }, indent=1) + "\n")
+        CLIPImageProcessor(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), size={"shortest_edge": image_size},
+                           crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
 
     return TaskParts(
         model=model,
