@@ -168,6 +168,11 @@ def test_param_groups_never_unfreeze_what_the_model_froze(tmp_path):
         build_param_groups(model, run.optim)
 
 
+def test_grouping_by_length_needs_a_dataset_that_records_lengths(tmp_path):
+    with pytest.raises(ConfigError, match="group_by_modality_length=true needs a dataset that records"):
+        run_toy(tmp_path, "train.group_by_modality_length=true")
+
+
 def test_mixture_of_tokens_micro_batch_is_validated(tmp_path):
     moe = {"num_experts": 4, "top_k": 2, "router": "mot", "router_options": {"group_size": 4}}
     with pytest.raises(ConfigError, match="micro_batch_size=6.*group"):

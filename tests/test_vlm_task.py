@@ -91,6 +91,62 @@ def test_fresh_stage_then_moe_upcycling_stage(world, tmp_path):
     assert int(moe_layers(model)[0][1].router.step) == 4  # the schedule position travels with the weights
 
 
+def test_modality_length_grouping_pads_less_and_resumes_exactly(world, tmp_path, monkeypatch):
+    """train.group_by_modality_length: one modality per micro-batch, less padding than random
+    batches, and an interrupted run resumes into the same batches and losses."""
+    import llava_smoe.training.trainer as trainer_mod
+    import llava_smoe.training.vlm_task as vlm_task
+
+    torch.set_num_threads(1)
+    stage1 = tmp_path / "stage1"
+    train(load_recipe(write_recipe(tmp_path / "s1.yaml", {
+        "data": str(world / "pretrain.json"), "image_folder": str(world / "images"),
+        "tokenizer": str(world / "tokenizer"), "template": "chatml", "system_prompt": "", "max_length": 96,
+        "model": tiny_model(world)}, stage1, steps=1)))
+    # Multi-turn Q&A (a few text-only), and captions: lengths and modalities to group.
+    task = {"data": [str(world / "instruct_train.json"), str(world / "pretrain.json")],
+            "image_folder": str(world / "images"), "init_from": str(stage1 / "final"), "max_length": 96}
+    batches: list[tuple[set[bool], int, int]] = []  # (modalities, rows, padded length) per micro-batch
+    real_call = vlm_task.VLMCollator.__call__
+
+    def recording(self, samples):
+        batch = real_call(self, samples)
+        batches.append(({s["has_image"] for s in samples}, *batch["input_ids"].shape))
+        return batch
+
+    monkeypatch.setattr(vlm_task.VLMCollator, "__call__", recording)
+
+    def run(name, *overrides):
+        batches.clear()
+        recipe = write_recipe(tmp_path / f"{name}.yaml", task, tmp_path / name, steps=12)
+        result = train(load_recipe(recipe, ["train.save_every=6", *overrides]))
+        return result, list(batches)
+
+    _, shuffled = run("shuffled")
+    result, grouped = run("grouped", "train.group_by_modality_length=true")
+    assert result.status == "completed" and len(grouped) == len(shuffled) == 12  # one epoch of 12 batches
+    assert all(len(modalities) == 1 for modalities, _, _ in grouped)
+    assert any(modalities == {True} for modalities, _, _ in grouped)
+    padded = lambda seen: sum(rows * length for _, rows, length in seen)  # noqa: E731
+    assert padded(grouped) < 0.9 * padded(shuffled), (padded(grouped), padded(shuffled))
+
+    real_step = trainer_mod.moe_optimizer_step
+
+    def crash_at_9(model, step):
+        if step == 9:
+            raise KeyboardInterrupt("simulated crash")
+        real_step(model, step)
+
+    monkeypatch.setattr(trainer_mod, "moe_optimizer_step", crash_at_9)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed", "train.group_by_modality_length=true")
+    monkeypatch.setattr(trainer_mod, "moe_optimizer_step", real_step)
+    _, after = run("resumed", "train.group_by_modality_length=true", "train.resume=auto")
+    assert after == grouped[6:]  # from the step-6 checkpoint, the same batches in the same order
+    expected, got = losses(tmp_path / "grouped"), losses(tmp_path / "resumed")
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
 def test_bad_stage_configuration_is_reported(world, tmp_path):
     recipe = write_recipe(tmp_path / "bad.yaml", {"data": str(world / "instruct_train.json")}, tmp_path / "o", 1)
     with pytest.raises(ConfigError, match="exactly one of `model`"):

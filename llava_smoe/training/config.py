@@ -88,6 +88,9 @@ class TrainConfig:
     deepspeed_config: str | None = None  # JSON path; "auto" values filled from this config
     resume: str | None = None  # "auto" (latest checkpoint in output_dir) or a checkpoint path
     num_workers: int = 0
+    # Batches of one modality and similar length (LLaVA's group_by_modality_length): less padding
+    # when short Q&A and long captions share a stage. Needs a task whose dataset records lengths.
+    group_by_modality_length: bool = False
     tensorboard: bool = True
     progress_bar: bool = True
 

@@ -3,6 +3,8 @@
 The order of epoch `e` is a permutation seeded by `(seed, e)`, identical on every rank; rank `r`
 of `w` takes positions `r, r + w, ...` of it. A run's data position is `(epoch, index)`, the
 index into this rank's order, so a resumed run reads exactly the samples it would have read.
+`train.group_by_modality_length` swaps in `ModalityLengthGroupedSampler`, which keeps the same
+`(epoch, index)` contract.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 
 class ResumableSampler(Sampler[int]):
@@ -62,3 +64,20 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def modality_lengths(dataset: Dataset) -> tuple[list[int], list[bool]] | None:
+    """Each sample's (estimated length, has image), from a dataset that records them as `lengths`
+    and `has_image` (`LlavaDataset`) or a `ConcatDataset` of such; None if it does not."""
+    if isinstance(dataset, ConcatDataset):
+        parts = [modality_lengths(d) for d in dataset.datasets]
+        if any(p is None for p in parts):
+            return None
+        return [n for p in parts for n in p[0]], [h for p in parts for h in p[1]]
+    lengths, has_image = getattr(dataset, "lengths", None), getattr(dataset, "has_image", None)
+    if lengths is None or has_image is None:
+        return None
+    if not len(lengths) == len(has_image) == len(dataset):
+        raise ValueError(f"{type(dataset).__name__} has {len(dataset)} samples but {len(lengths)} lengths "
+                         f"and {len(has_image)} has_image flags")
+    return list(lengths), list(has_image)

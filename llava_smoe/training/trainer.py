@@ -45,7 +45,8 @@ from llava_smoe.training.checkpoint import (
     save_checkpoint,
 )
 from llava_smoe.training.config import ConfigError, RunConfig
-from llava_smoe.training.data import ResumableSampler, ShardedEvalSampler
+from llava_smoe.data import ModalityLengthGroupedSampler
+from llava_smoe.training.data import ResumableSampler, ShardedEvalSampler, modality_lengths
 from llava_smoe.training.distributed import DistInfo
 from llava_smoe.training.metrics import METRICS_FILE, MetricsLogger, flatten_routing, truncate_metrics
 from llava_smoe.training.optim import WarmupCosineSchedule, build_optimizer, build_param_groups
@@ -121,8 +122,7 @@ class Trainer:
             log.info("frozen (by the model, no group, or lr 0): %s parameters", f"{frozen:,}")
         optimizer = build_optimizer(groups, run.optim)
 
-        self.sampler = ResumableSampler(len(parts.train_dataset), seed=cfg.seed, rank=dist_info.rank,
-                                        world_size=dist_info.world_size)
+        self.sampler = self._build_sampler(parts.train_dataset)
         micro_per_epoch = len(self.sampler) // cfg.micro_batch_size
         if micro_per_epoch == 0:
             raise ConfigError(f"the training set gives each of {dist_info.world_size} processes {len(self.sampler)} "
@@ -166,6 +166,19 @@ class Trainer:
         # produce fewer (CompeteSMoE's competition losses exist only on competition steps).
         self._aux_names = aux_loss_names(self.module)
         self.skipped_samples: Counter[str] = Counter()  # by reason, this process, since start
+
+    def _build_sampler(self, dataset) -> ResumableSampler | ModalityLengthGroupedSampler:
+        cfg, d = self.cfg, self.dist
+        if not cfg.group_by_modality_length:
+            return ResumableSampler(len(dataset), seed=cfg.seed, rank=d.rank, world_size=d.world_size)
+        found = modality_lengths(dataset)
+        if found is None:
+            raise ConfigError(f"train.group_by_modality_length=true needs a dataset that records each sample's length "
+                              f"and modality (as the vlm task's does); task {self.run.task!r} gives a "
+                              f"{type(dataset).__name__}, which does not")
+        lengths, has_image = found
+        return ModalityLengthGroupedSampler(lengths, has_image, cfg.micro_batch_size, seed=cfg.seed,
+                                            num_replicas=d.world_size, rank=d.rank)
 
     def _build_backend(self, model, optimizer, has_moe: bool) -> Backend:
         if self.cfg.backend == "deepspeed":
