@@ -21,7 +21,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "train" / "tiny"
 def test_quickstart_chains_every_tiny_stage(tmp_path):
     torch.set_num_threads(1)
     summary = run_quickstart(tmp_path / "out", tmp_path / "data", RECIPES, router="smoe", progress=False,
-                             num_train=48, overrides=["train.max_steps=2", "train.micro_batch_size=8"])
+                             num_train=48, num_test=100, overrides=["train.max_steps=2", "train.micro_batch_size=8"])
     out = tmp_path / "out"
     for stage in STAGES:
         assert (out / stage / "final").is_dir(), stage
@@ -40,5 +40,5 @@ def test_quickstart_chains_every_tiny_stage(tmp_path):
     # A second run reuses the data made with the same generator settings.
     made = (tmp_path / "data" / "manifest.json").stat().st_mtime_ns
     run_quickstart(tmp_path / "out2", tmp_path / "data", RECIPES, router="smoe", progress=False,
-                   num_train=48, overrides=["train.max_steps=1", "train.micro_batch_size=8"])
+                   num_train=48, num_test=100, overrides=["train.max_steps=1", "train.micro_batch_size=8"])
     assert (tmp_path / "data" / "manifest.json").stat().st_mtime_ns == made
