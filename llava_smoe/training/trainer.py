@@ -25,6 +25,7 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader
 
+from llava_smoe.data import ModalityLengthGroupedSampler
 from llava_smoe.moe import (
     aux_loss_names,
     collect_aux_losses,
@@ -45,7 +46,6 @@ from llava_smoe.training.checkpoint import (
     save_checkpoint,
 )
 from llava_smoe.training.config import ConfigError, RunConfig
-from llava_smoe.data import ModalityLengthGroupedSampler
 from llava_smoe.training.data import ResumableSampler, ShardedEvalSampler, modality_lengths
 from llava_smoe.training.distributed import DistInfo
 from llava_smoe.training.metrics import METRICS_FILE, MetricsLogger, flatten_routing, truncate_metrics
