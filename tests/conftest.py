@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -11,3 +12,27 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def crash_at_step(monkeypatch):
+    """`with crash_at_step(n):` the trainer raises KeyboardInterrupt in optimizer step n, after the
+    update and before step n's logging or saving (a simulated crash); restored on leaving."""
+    from llava_smoe.training import trainer
+
+    @contextlib.contextmanager
+    def crash(at: int):
+        real_step = trainer.moe_optimizer_step
+
+        def step_or_crash(model, step):
+            if step == at:
+                raise KeyboardInterrupt("simulated crash")
+            real_step(model, step)
+
+        monkeypatch.setattr(trainer, "moe_optimizer_step", step_or_crash)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(trainer, "moe_optimizer_step", real_step)
+
+    return crash

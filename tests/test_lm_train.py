@@ -74,23 +74,14 @@ def test_second_run_reuses_the_token_cache(tmp_path, corpus):
     assert not a["reused"] and b["reused"] and a["cache"] == b["cache"]
 
 
-def test_resumed_run_matches_uninterrupted(tmp_path, corpus, monkeypatch):
+def test_resumed_run_matches_uninterrupted(tmp_path, corpus, crash_at_step):
     common = dict(max_steps=8, save_every=4, eval_every=4)
     assert train(lm_recipe(tmp_path / "a", corpus, router="remoe", **common)).status == "completed"
     expected = {r["step"]: r for r in metrics(tmp_path / "a" / "out") if "loss" in r}
 
-    real_step = trainer_mod.moe_optimizer_step
-
-    def crash_at_6(model, step):
-        if step == 6:
-            raise KeyboardInterrupt("simulated crash")
-        real_step(model, step)
-
-    monkeypatch.setattr(trainer_mod, "moe_optimizer_step", crash_at_6)
     recipe_b = lm_recipe(tmp_path / "b", corpus, router="remoe", **common)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_step(6), pytest.raises(KeyboardInterrupt):
         train(recipe_b)
-    monkeypatch.setattr(trainer_mod, "moe_optimizer_step", real_step)
     recipe_b["train"]["resume"] = "auto"
     assert train(recipe_b).status == "completed"
     got = {r["step"]: r for r in metrics(tmp_path / "b" / "out") if "loss" in r}

@@ -204,23 +204,14 @@ def test_end_to_end_loss_falls_and_everything_is_written(tmp_path):
     assert exported.head.weight is exported.embed.weight
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, crash_at_step):
     common = ["train.max_steps=8", "train.save_every=4", "toy.dropout=0.2"]
     full = run_toy(tmp_path / "a", *common)
     assert full.status == "completed"
     expected = step_losses(tmp_path / "a" / "out")
 
-    real_step = trainer_mod.moe_optimizer_step
-
-    def crash_at_6(model, step):
-        if step == 6:
-            raise KeyboardInterrupt("simulated crash")
-        real_step(model, step)
-
-    monkeypatch.setattr(trainer_mod, "moe_optimizer_step", crash_at_6)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_step(6), pytest.raises(KeyboardInterrupt):
         run_toy(tmp_path / "b", *common)
-    monkeypatch.setattr(trainer_mod, "moe_optimizer_step", real_step)
     out_b = tmp_path / "b" / "out"
     assert max(step_losses(out_b)) == 5  # step 5 was logged before the crash, then dropped on resume
     resumed = run_toy(tmp_path / "b", *common, "train.resume=auto")

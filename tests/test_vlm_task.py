@@ -91,10 +91,9 @@ def test_fresh_stage_then_moe_upcycling_stage(world, tmp_path):
     assert int(moe_layers(model)[0][1].router.step) == 4  # the schedule position travels with the weights
 
 
-def test_modality_length_grouping_pads_less_and_resumes_exactly(world, tmp_path, monkeypatch):
+def test_modality_length_grouping_pads_less_and_resumes_exactly(world, tmp_path, monkeypatch, crash_at_step):
     """train.group_by_modality_length: one modality per micro-batch, less padding than random
     batches, and an interrupted run resumes into the same batches and losses."""
-    import llava_smoe.training.trainer as trainer_mod
     import llava_smoe.training.vlm_task as vlm_task
 
     torch.set_num_threads(1)
@@ -130,17 +129,8 @@ def test_modality_length_grouping_pads_less_and_resumes_exactly(world, tmp_path,
     padded = lambda seen: sum(rows * length for _, rows, length in seen)  # noqa: E731
     assert padded(grouped) < 0.9 * padded(shuffled), (padded(grouped), padded(shuffled))
 
-    real_step = trainer_mod.moe_optimizer_step
-
-    def crash_at_9(model, step):
-        if step == 9:
-            raise KeyboardInterrupt("simulated crash")
-        real_step(model, step)
-
-    monkeypatch.setattr(trainer_mod, "moe_optimizer_step", crash_at_9)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_step(9), pytest.raises(KeyboardInterrupt):
         run("resumed", "train.group_by_modality_length=true")
-    monkeypatch.setattr(trainer_mod, "moe_optimizer_step", real_step)
     _, after = run("resumed", "train.group_by_modality_length=true", "train.resume=auto")
     assert after == grouped[6:]  # from the step-6 checkpoint, the same batches in the same order
     expected, got = losses(tmp_path / "grouped"), losses(tmp_path / "resumed")
