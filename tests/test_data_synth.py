@@ -152,3 +152,61 @@ def test_single_turn_asks_the_same_questions_one_per_record(world, tmp_path):
     for name, sha in digest(tmp_path).items():
         if not name.startswith(("instruct_", "manifest")):
             assert same[name] == sha, name
+
+
+def _described(caption):
+    """[(colour, shape, cell), ...] in caption order."""
+    import re
+
+    return re.findall(r"a (\w+) (\w+) in the (top left|top right|bottom left|bottom right)", caption)
+
+
+@pytest.mark.parametrize("order", ["random", "cells"])
+def test_captions_name_every_object_in_the_chosen_order(tmp_path, order):
+    from llava_smoe.data.synth import CELLS
+
+    generate_shapes_world(ShapesWorldConfig(seed=2, num_train=120, num_val=0, num_test=0, num_heldout=0,
+                                            caption_order=order), tmp_path)
+    scenes = {r["image"]: r["meta"]["scene"] for r in json.loads((tmp_path / "instruct_train.json").read_text())
+              if "image" in r}
+    in_cell_order = []
+    for record in json.loads((tmp_path / "pretrain.json").read_text()):
+        objects = _described(record["conversations"][1]["value"])
+        scene = sorted(f"{CELLS.index(cell)}:{color}:{shape}" for color, shape, cell in objects)
+        assert "|".join(scene) == scenes[record["image"]]  # every object, nothing else
+        if len(objects) > 1:
+            cells = [CELLS.index(cell) for _, _, cell in objects]
+            in_cell_order.append(cells == sorted(cells))
+    assert len(in_cell_order) > 50
+    if order == "cells":
+        assert all(in_cell_order)
+    else:  # 1/2 of two-object and 1/6 of three-object captions come out in cell order by chance
+        assert 0.15 < sum(in_cell_order) / len(in_cell_order) < 0.5
+    with pytest.raises(ValueError, match="caption_order must be one of"):
+        ShapesWorldConfig(caption_order="sorted")
+
+
+@pytest.mark.parametrize("options", ["random", "fixed"])
+def test_side_questions_offer_both_answers_in_the_chosen_order(tmp_path, options):
+    import re
+
+    from llava_smoe.data.synth import CELLS
+
+    generate_shapes_world(ShapesWorldConfig(seed=3, num_train=200, num_val=0, num_test=0, num_heldout=0, single_turn=True,
+                                            side_options=options), tmp_path)
+    orders = Counter()
+    for record in json.loads((tmp_path / "instruct_train.json").read_text()):
+        if "side" not in (record.get("meta") or {}).get("types", []):
+            continue
+        question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
+        color, shape, first, second = re.search(r"Is the (\w+) (\w+) (?:on|at) the (\w+) or the (\w+)\?", question).groups()
+        (cell,) = [int(o.split(":")[0]) for o in record["meta"]["scene"].split("|") if o.endswith(f":{color}:{shape}")]
+        assert answer in (first, second) and answer in CELLS[cell]  # one of the offered words, and the right one
+        orders[(first, second)] += 1
+    if options == "fixed":
+        assert set(orders) == {("left", "right"), ("top", "bottom")}
+    else:
+        assert set(orders) == {("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")}
+        assert min(orders.values()) >= 0.1 * sum(orders.values())
+    with pytest.raises(ValueError, match="side_options must be one of"):
+        ShapesWorldConfig(side_options="sorted")

@@ -159,6 +159,23 @@ def test_projector_upcycle_and_moe_projector(tmp_path):
     torch.testing.assert_close(_logits(reloaded, ids, px), _logits(model, ids, px), rtol=0, atol=0)
 
 
+def test_upcycling_keeps_the_projector_position_embedding(tmp_path):
+    model = _dense(projector={"type": "mlp3x_gelu", "position_embedding": True})
+    assert model.projector.position_embedding.shape == (T, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        model.projector.position_embedding.normal_()
+    ids, px = _batch(model)
+    dense = _logits(model, ids, px)
+    model.apply_moe(_moe(), {"language_model": "every_other"}, upcycle_projector_mlp=True)
+    assert model.config.projector_config == {"type": "moe", "bias": True, "position_embedding": True}
+    assert isinstance(model.projector.base, MoEProjector)
+    torch.testing.assert_close(_logits(model, ids, px), dense, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = load_model(str(tmp_path))
+    torch.testing.assert_close(reloaded.projector.position_embedding, model.projector.position_embedding)
+    torch.testing.assert_close(_logits(reloaded, ids, px), _logits(model, ids, px), rtol=0, atol=0)
+
+
 def test_training_step_yields_aux_losses_and_expert_gradients():
     model = _dense()
     model.apply_moe(_moe("smoe"))

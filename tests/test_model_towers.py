@@ -8,6 +8,7 @@ from torch import nn
 
 from llava_smoe.model import (
     MLPProjector,
+    PositionedProjector,
     ProjectorConfig,
     VisionTowerConfig,
     build_projector,
@@ -146,3 +147,32 @@ def test_identity_projector_and_errors():
         ProjectorConfig(type="mlp2x_relu")
     with pytest.raises(ValueError, match="needs an MoE config"):
         build_projector({"type": "moe"}, 24, 32)
+
+
+def test_position_embedding_starts_as_the_plain_projector_and_gives_each_token_its_own_vector():
+    torch.manual_seed(0)
+    plain = build_projector({"type": "mlp2x_gelu"}, 24, 32)
+    torch.manual_seed(0)
+    proj = build_projector({"type": "mlp2x_gelu", "position_embedding": True}, 24, 32, num_tokens=5)
+    assert isinstance(proj, PositionedProjector) and proj.position_embedding.shape == (5, 32)
+    x = torch.randn(2, 5, 24)
+    torch.testing.assert_close(proj(x), plain(x), rtol=0, atol=0)  # zero at the start
+
+    # After a step the same feature at two positions projects to two different vectors.
+    same_BTC = torch.randn(1, 1, 24).expand(3, 5, 24)
+    proj(same_BTC).pow(2).mean().backward()
+    assert proj.position_embedding.grad.abs().sum() > 0
+    with torch.no_grad():
+        proj.position_embedding.add_(torch.randn(5, 32))
+        out = proj(same_BTC)
+    assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+def test_position_embedding_errors():
+    with pytest.raises(ValueError, match="needs the number of image tokens"):
+        build_projector({"type": "linear", "position_embedding": True}, 24, 32)
+    proj = build_projector({"type": "linear", "position_embedding": True}, 24, 32, num_tokens=4)
+    with pytest.raises(ValueError, match="has 4 positions but the vision tower gave 5 tokens"):
+        proj(torch.randn(2, 5, 24))
+    with pytest.raises(ValueError, match="unknown keys \\['pos'\\]"):
+        ProjectorConfig.from_dict({"type": "linear", "pos": True})

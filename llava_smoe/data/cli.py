@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--single-turn", action="store_true",
                        help="one record per question (the image before each) instead of one per image")
     synth.add_argument("--vocab-size", type=int, default=512)
+    synth.add_argument("--caption-order", choices=("cells", "random"), default="cells",
+                       help="order of the objects in captions (default: cells, row by row)")
+    synth.add_argument("--side-options", choices=("fixed", "random"), default="fixed",
+                       help="order of the two answers a side question offers (default: fixed, left/top first)")
     synth.add_argument("--question-types", default=None,
                        help="comma-separated subset of count,color_of_shape,shape_of_color,shape_at,color_at,"
                             "exists,side (default: all but exists)")
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
             num_heldout=args.num_heldout, image_size=args.image_size, max_shapes=args.max_shapes,
             max_turns=args.max_turns, single_turn=args.single_turn, vocab_size=args.vocab_size,
+            caption_order=args.caption_order, side_options=args.side_options,
             **({"question_types": args.question_types.split(",")} if args.question_types else {}),
         )
         manifest = generate_shapes_world(config, args.out)

@@ -52,6 +52,8 @@ QUESTION_TYPES = ("count", "color_of_shape", "shape_of_color", "shape_at", "colo
 # foothold in CPU minutes: the tiny model stays at chance even when trained on them alone.
 DEFAULT_QUESTION_TYPES = tuple(t for t in QUESTION_TYPES if t != "exists")
 ALWAYS_ASKABLE = {"count", "shape_at", "color_at"}
+CAPTION_ORDERS = ("cells", "random")
+SIDE_OPTIONS = ("fixed", "random")
 
 
 @dataclass
@@ -77,6 +79,12 @@ class ShapesWorldConfig:
     # CPU minutes; widen both for a harder task.
     size_range: tuple[float, float] = (0.7, 0.8)
     jitter: float = 0.2
+    # Order of the objects in a caption: "cells" (row-major), which a model can follow by
+    # stepping through the grid, or "random", where saying where a named object is takes looking
+    # it up by what it is (as side questions do).
+    caption_order: str = "cells"
+    # Order of the two answers a side question offers: "fixed" (left / top first) or "random".
+    side_options: str = "fixed"
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_val", "num_test", "num_heldout"):
@@ -97,6 +105,10 @@ class ShapesWorldConfig:
             raise ValueError(f"size_range must satisfy 0.2 <= low <= high <= 1, got {self.size_range}")
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        if self.side_options not in SIDE_OPTIONS:
+            raise ValueError(f"side_options must be one of {list(SIDE_OPTIONS)}, got {self.side_options!r}")
+        if self.caption_order not in CAPTION_ORDERS:
+            raise ValueError(f"caption_order must be one of {list(CAPTION_ORDERS)}, got {self.caption_order!r}")
         self.holdout_combos = [tuple(c) for c in self.holdout_combos]
         for color, shape in self.holdout_combos:
             if color not in COLORS or shape not in SHAPES:
@@ -159,8 +171,12 @@ def render_scene(scene: list[Obj], image_size: int, rng: random.Random,
     return canvas.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def describe(scene: list[Obj]) -> str:
-    parts = [f"a {color} {shape} in the {CELLS[c]}" for c, color, shape in sorted(scene)]
+def describe(scene: list[Obj], rng: random.Random | None = None) -> str:
+    """The caption; objects in cell order, or shuffled by `rng` when given."""
+    objects = sorted(scene)
+    if rng is not None:
+        rng.shuffle(objects)
+    parts = [f"a {color} {shape} in the {CELLS[c]}" for c, color, shape in objects]
     if len(parts) == 1:
         return f"There is {parts[0]}."
     listed = ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -198,9 +214,12 @@ def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorl
         c, color, shape = rng.choice(unique_combos)
         row, col = divmod(c, 2)
         if rng.random() < 0.5:
-            out.append((f"Is the {color} {shape} on the left or the right?", "left" if col == 0 else "right", "side"))
+            options, answer, where = ("left", "right"), "left" if col == 0 else "right", "on"
         else:
-            out.append((f"Is the {color} {shape} at the top or the bottom?", "top" if row == 0 else "bottom", "side"))
+            options, answer, where = ("top", "bottom"), "top" if row == 0 else "bottom", "at"
+        if config.side_options == "random" and rng.random() < 0.5:
+            options = options[::-1]
+        out.append((f"Is the {color} {shape} {where} the {options[0]} or the {options[1]}?", answer, "side"))
     return [q for q in out if q[2] in config.question_types]
 
 
@@ -255,7 +274,7 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
             answers[split].update(t["value"] for t in conversation if t["from"] == "gpt")
             types[split].update(qtypes)
             if split == "train":
-                caption = describe(scene)
+                caption = describe(scene, rng if config.caption_order == "random" else None)
                 files["pretrain"].append({
                     "id": f"pretrain-{i:06d}",
                     "image": rel,

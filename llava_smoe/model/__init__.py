@@ -22,7 +22,14 @@ from .modeling import (
     load_model,
     resolve_attn_implementation,
 )
-from .projector import MLPProjector, MoEProjector, ProjectorConfig, build_projector, upcycle_projector
+from .projector import (
+    MLPProjector,
+    MoEProjector,
+    PositionedProjector,
+    ProjectorConfig,
+    build_projector,
+    upcycle_projector,
+)
 from .tiny import tiny_model_config, tiny_text_config, tiny_vision_config
 from .vision import HFVisionTower, OpenClipVisionTower, VisionTower, VisionTowerConfig, build_vision_tower
 
@@ -39,6 +46,7 @@ __all__ = [
     "MoEPlacement",
     "MoEProjector",
     "OpenClipVisionTower",
+    "PositionedProjector",
     "ProjectorConfig",
     "VLMConfig",
     "VisionTower",

@@ -66,7 +66,8 @@ class LlavaSmoeForConditionalGeneration(LlavaSmoePreTrainedModel, GenerationMixi
             config.text_config = self.language_model.config  # one object: embedding resizes stay visible
         moe_config = config.moe()
         self.projector = build_projector(
-            config.projector_config, self.vision_tower.hidden_size, config.text_config.hidden_size, moe_config
+            config.projector_config, self.vision_tower.hidden_size, config.text_config.hidden_size, moe_config,
+            num_tokens=self.vision_tower.num_image_tokens,
         )
         if config.num_image_tokens not in (None, self.vision_tower.num_image_tokens):
             raise ValueError(
@@ -145,8 +146,8 @@ class LlavaSmoeForConditionalGeneration(LlavaSmoePreTrainedModel, GenerationMixi
         self._install_moe(moe_config, placement)
         if upcycle_projector_mlp:
             self.projector = upcycle_projector(self.projector, moe_config)
-            self.config.projector_config = ProjectorConfig(
-                type="moe", bias=self.config.projector_config.get("bias", True)
+            self.config.projector_config = ProjectorConfig.from_dict(
+                {**self.config.projector_config, "type": "moe"}
             ).to_dict()
         self.config.moe_config = moe_config.to_dict()
         self.config.moe_placement = placement.to_dict()

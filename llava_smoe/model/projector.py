@@ -8,6 +8,11 @@ Types:
   Linear(D, D) -> GELU -> Linear(D, D). It is mlp3x_gelu with its last two Linears turned
   into experts, so `upcycle_projector` converts a trained mlp3x_gelu projector into it
   with identical outputs. (An MoELayer maps D -> D, so the C -> D input Linear stays dense.)
+
+`position_embedding: true` adds a learned vector per image-token position to the projector's
+output (`PositionedProjector`): the tokens then carry their place in the image in their values,
+which a language model reads by content, where RoPE alone only shapes attention scores. A
+tower's own position embeddings enter at its input and fade under content in deep features.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ _MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
 class ProjectorConfig:
     type: str = "mlp2x_gelu"
     bias: bool = True
+    position_embedding: bool = False
 
     def __post_init__(self) -> None:
         m = _MLP_RE.match(self.type)
@@ -50,7 +56,7 @@ class ProjectorConfig:
     def from_dict(cls, d: dict[str, Any]) -> ProjectorConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"projector config: unknown keys {sorted(unknown)}; valid: ['bias', 'type']")
+            raise ValueError(f"projector config: unknown keys {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
 
 
@@ -77,6 +83,27 @@ class MoEProjector(nn.Module):
         return self.moe(self.act(self.input(x_BTC)))
 
 
+class PositionedProjector(nn.Module):
+    """A projector plus one learned vector per image-token position, added to its output.
+
+    Starts at zero, so wrapping changes nothing until training moves it.
+    """
+
+    def __init__(self, base: nn.Module, num_tokens: int, dim: int):
+        super().__init__()
+        self.base = base
+        self.position_embedding = nn.Parameter(torch.zeros(num_tokens, dim))
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        out_BTD = self.base(x_BTC)
+        if out_BTD.shape[-2] != self.position_embedding.shape[0]:
+            raise ValueError(
+                f"projector position_embedding has {self.position_embedding.shape[0]} positions but the "
+                f"vision tower gave {out_BTD.shape[-2]} tokens per image"
+            )
+        return out_BTD + self.position_embedding.to(out_BTD.dtype)
+
+
 class _DenseFFNView(nn.Module):
     """Presents two Linears of an MLP projector with the fc1/fc2/activation_fn names upcycle_ffn reads."""
 
@@ -86,9 +113,20 @@ class _DenseFFNView(nn.Module):
 
 
 def build_projector(config: ProjectorConfig | dict, in_features: int, out_features: int,
-                    moe_config: MoEConfig | None = None) -> nn.Module:
+                    moe_config: MoEConfig | None = None, num_tokens: int | None = None) -> nn.Module:
+    """num_tokens: image tokens per image, needed when config.position_embedding is set."""
     if isinstance(config, dict):
         config = ProjectorConfig.from_dict(config)
+    base = _build_base(config, in_features, out_features, moe_config)
+    if not config.position_embedding:
+        return base
+    if not num_tokens or num_tokens < 1:
+        raise ValueError(f"projector position_embedding needs the number of image tokens, got {num_tokens!r}")
+    return PositionedProjector(base, num_tokens, out_features)
+
+
+def _build_base(config: ProjectorConfig, in_features: int, out_features: int,
+                moe_config: MoEConfig | None) -> nn.Module:
     if config.type == "identity":
         if in_features != out_features:
             raise ValueError(
@@ -109,10 +147,16 @@ def build_projector(config: ProjectorConfig | dict, in_features: int, out_featur
     return MLPProjector(in_features, out_features, config.mlp_depth, bias=config.bias)
 
 
-def upcycle_projector(projector: nn.Module, moe_config: MoEConfig) -> MoEProjector:
-    """mlp3x_gelu -> "moe" projector: the first Linear is kept, the last two become every expert."""
+def upcycle_projector(projector: nn.Module, moe_config: MoEConfig) -> nn.Module:
+    """mlp3x_gelu -> "moe" projector: the first Linear is kept, the last two become every expert.
+
+    A PositionedProjector keeps its position embedding around the upcycled base.
+    """
     from llava_smoe.moe import upcycle_ffn
 
+    if isinstance(projector, PositionedProjector):
+        projector.base = upcycle_projector(projector.base, moe_config)
+        return projector
     if not (isinstance(projector, MLPProjector) and len(projector) == 5):
         raise ValueError(
             f"only an mlp3x_gelu projector can be upcycled to 'moe' (got {type(projector).__name__} "
