@@ -58,8 +58,11 @@ def run(args: argparse.Namespace) -> int:
 def _synthesize(data: Path, seed: int, num_train: int, num_test: int) -> None:
     from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
 
+    # Captions name the objects in random order: each "in the <cell>" is then a lookup of the named
+    # object's cell (in cell order the next cell is enough), the lookup that cell and side
+    # questions need (docs/quickstart.md).
     config = ShapesWorldConfig(seed=seed, num_train=num_train, num_test=num_test, image_size=IMAGE_SIZE,
-                               single_turn=True)
+                               single_turn=True, caption_order="random")
     manifest = data / "manifest.json"
     made = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
     if made == json.loads(json.dumps(asdict(config))):  # the same generator settings: same bytes

@@ -60,3 +60,38 @@ def test_bench_config_rejects_bad_settings(fields, match):
 def test_mot_batch_not_divisible_by_group_size_is_rejected():
     with pytest.raises(ValueError, match="group_size"):
         MoEBenchConfig(tokens=64, batch=2, routers=["mot"])
+
+
+def test_bench_adamw_cli_compares_fused_with_the_loop(tmp_path, capsys):
+    out = tmp_path / "adamw.json"
+    assert main(["bench", "adamw", "--out", str(out), "--hidden", "16", "--ffn", "32", "--layers", "2",
+                 "--vocab", "40", "--steps", "2", "--repeats", "2"]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"loop", "fused"} and rows["loop"]["ratio_to_baseline"] == pytest.approx(1.0)
+    assert rows["fused"]["tensors"] == 2 + 2 * 9 and all(r["ms_per_step"] > 0 for r in rows.values())
+    assert "| fused |" in capsys.readouterr().out
+
+
+def test_bench_data_cli_compares_cached_with_uncached(tmp_path, capsys):
+    from PIL import Image
+
+    from llava_smoe.processing import ImageProcessingConfig, LlavaSmoeProcessor, ProcessorConfig, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["What color is it? red blue"] * 10, vocab_size=300)
+    LlavaSmoeProcessor(tok, ProcessorConfig(template="chatml", num_image_tokens=4,
+                                            image=ImageProcessingConfig(image_size=8))).save_pretrained(tmp_path / "proc")
+    (tmp_path / "images").mkdir()
+    records = []
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "red"}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    out = tmp_path / "data_bench.json"
+    assert main(["bench", "data", "--out", str(out), "--data", str(tmp_path / "data.json"),
+                 "--image-folder", str(tmp_path / "images"), "--processor", str(tmp_path / "proc"),
+                 "--epochs", "2", "--batch", "4", "--repeats", "1"]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"uncached", "cached"} and rows["uncached"]["ratio_to_baseline"] == pytest.approx(1.0)
+    assert all(r["ms_per_batch"] > 0 and r["epochs"] == 2 for r in rows.values())
+    assert "| cached |" in capsys.readouterr().out

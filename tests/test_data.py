@@ -140,6 +140,39 @@ def test_sample_contents(tmp_path, processor):
     assert ds.has_image == [True, False] and ds.lengths[0] > ds.lengths[1]
 
 
+def test_cache_keeps_built_samples_and_decodes_a_shared_image_once(tmp_path, processor, monkeypatch):
+    import llava_smoe.data.dataset as dataset_module
+
+    records = [good(0), dict(good(1), image="img0.png"), good(2, image=False)]  # records 0 and 1 share an image
+    path, folder = write_dataset(tmp_path, records)
+    plain = LlavaDataset(DataConfig(path, folder), processor)
+    cached = LlavaDataset(DataConfig(path, folder, cache=True), processor)
+    loads = []
+    real_load = dataset_module.load_image
+    monkeypatch.setattr(dataset_module, "load_image", lambda p: loads.append(p) or real_load(p))
+    for _ in range(3):  # three epochs
+        for i in range(3):
+            a, b = cached[i], plain[i]
+            for key in ("input_ids", "labels"):
+                assert torch.equal(a[key], b[key])
+            assert (a["image"] is None) == (b["image"] is None)
+            if b["image"] is not None:
+                assert torch.equal(a["image"], b["image"])
+    assert len(loads) == 1 + 3 * 2  # the cached dataset decoded img0.png once; the plain one at every use
+    assert cached[0]["image"] is cached[1]["image"]
+
+
+def test_cache_never_keeps_a_bad_sample(tmp_path, processor):
+    path, folder = unreadable(tmp_path)
+    ds = LlavaDataset(DataConfig(path, folder, on_bad_sample="skip", cache=True), processor)
+    collate = DataCollator.from_processor(processor)
+    for _ in range(2):  # counted at every use, as without the cache
+        assert collate([ds[0], ds[1], ds[2]])["skipped"] == {"unreadable_image": 1}
+    (tmp_path / "images" / "img1.png").unlink()
+    Image.new("RGB", (10, 6), (200, 10, 10)).save(tmp_path / "images" / "img1.png")  # fixed on disk
+    assert not isinstance(ds[1], SkippedSample)
+
+
 def test_jsonl_matches_json(tmp_path, processor):
     records = [good(0), good(1, image=False), good(2)]
     a = build(tmp_path / "a" if (tmp_path / "a").mkdir() is None else None, records, processor)

@@ -17,7 +17,7 @@ from llava_smoe.training.backends import TorchBackend
 from llava_smoe.training.checkpoint import checkpoint_root, list_checkpoints, read_state, resolve_resume
 from llava_smoe.training.config import ConfigError
 from llava_smoe.training.data import ResumableSampler, ShardedEvalSampler
-from llava_smoe.training.optim import WarmupCosineSchedule, build_param_groups
+from llava_smoe.training.optim import WarmupCosineSchedule, build_optimizer, build_param_groups
 from llava_smoe.training.recipe import load_recipe
 from llava_smoe.training.tasks import get_task
 from llava_smoe.training.toy import ToyLM, ToyTaskConfig
@@ -139,6 +139,25 @@ def test_schedule_warms_up_then_decays_to_min():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
     assert f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_fused_adamw_where_it_runs_and_same_steps_as_the_loop(tmp_path):
+    run = load_recipe(write_recipe(tmp_path), [])
+    models = {}
+    for fused in (None, False):
+        torch.manual_seed(0)
+        model = ToyLM(ToyTaskConfig(hidden_size=16, moe=None))
+        run.optim.fused = fused
+        opt = build_optimizer(build_param_groups(model, run.optim)[0], run.optim)
+        assert opt.defaults["fused"] is (fused is None)  # auto: CPU float parameters take the fused kernel
+        for step in range(3):
+            torch.manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+        models[fused] = model
+    for a, b in zip(models[None].parameters(), models[False].parameters(), strict=True):
+        torch.testing.assert_close(a, b)  # the same update, up to rounding
 
 
 def test_param_groups_freeze_unmatched_and_reject_empty_groups(tmp_path):

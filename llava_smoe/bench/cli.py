@@ -1,4 +1,5 @@
-"""`llava-smoe bench moe`: time one MoE layer per router against dense and transformers baselines."""
+"""`llava-smoe bench moe|data|adamw`: time one MoE layer per router against dense and transformers
+baselines; batches with and without the sample cache; fused AdamW against the per-tensor loop."""
 
 from __future__ import annotations
 
@@ -26,14 +27,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     moe.add_argument("--seed", type=int, default=0)
 
+    data = sub.add_parser("data", help="epochs of batches with the in-memory sample cache vs without")
+    data.add_argument("--out", required=True, help="JSON file for the result rows")
+    data.add_argument("--data", required=True, help="LLaVA JSON (e.g. playground/data/shapes/instruct_train.json)")
+    data.add_argument("--image-folder", required=True)
+    data.add_argument("--processor", required=True, help="checkpoint or processor folder")
+    data.add_argument("--epochs", type=int, default=3)
+    data.add_argument("--batch", type=int, default=24)
+    data.add_argument("--max-length", type=int, default=2048)
+    data.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs both variants)")
+    data.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+
+    adamw = sub.add_parser("adamw", help="AdamW steps: torch's fused kernel vs the per-tensor loop")
+    adamw.add_argument("--out", required=True, help="JSON file for the result rows")
+    adamw.add_argument("--hidden", type=int, default=128, help="hidden size D (default: the quickstart's LM)")
+    adamw.add_argument("--ffn", type=int, default=256, help="FFN size F")
+    adamw.add_argument("--layers", type=int, default=4)
+    adamw.add_argument("--vocab", type=int, default=512)
+    adamw.add_argument("--steps", type=int, default=50, help="optimizer steps per timed run")
+    adamw.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs both variants)")
+    adamw.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from llava_smoe.bench.moe import MoEBenchConfig, markdown_table, run_moe_bench
-
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bench_command == "moe":
+        return _run_moe(args)
+    from llava_smoe.bench import training
+
+    if args.bench_command == "data":
+        rows = training.run_data_bench(training.DataBenchConfig(
+            data=args.data, image_folder=args.image_folder, processor=args.processor, epochs=args.epochs,
+            batch=args.batch, max_length=args.max_length, repeats=args.repeats))
+    else:
+        rows = training.run_adamw_bench(training.AdamWBenchConfig(
+            hidden_size=args.hidden, ffn_size=args.ffn, layers=args.layers, vocab_size=args.vocab,
+            steps=args.steps, repeats=args.repeats))
+    _write(rows, args.out)
+    print(f"{args.bench_command}: {rows[0]['threads']} threads, torch {rows[0]['torch']}, {args.repeats} interleaved rounds")
+    print(training.markdown_table(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _write(rows: list[dict], out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _run_moe(args: argparse.Namespace) -> int:
+    from llava_smoe.bench.moe import MoEBenchConfig, markdown_table, run_moe_bench
+
     fields = dict(
         num_experts=args.experts, top_k=args.top_k, hidden_size=args.hidden, ffn_size=args.ffn,
         tokens=args.tokens, batch=args.batch, dtype=args.dtype, device=args.device,
@@ -42,9 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.routers:
         fields["routers"] = [r.strip() for r in args.routers.split(",") if r.strip()]
     rows = run_moe_bench(MoEBenchConfig(**fields))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    _write(rows, args.out)
     r0 = rows[0]
     print(
         f"E={r0['num_experts']} k={r0['top_k']} D={r0['hidden_size']} F={r0['ffn_size']} tokens={r0['tokens']} "
@@ -52,5 +98,5 @@ def run(args: argparse.Namespace) -> int:
         f"transformers {r0['transformers']}, {r0['repeats']} interleaved rounds"
     )
     print(markdown_table(rows))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0

@@ -39,12 +39,18 @@ LOGGED_PER_REASON = 10
 @dataclass
 class DataConfig:
     """One dataset: a LLaVA JSON/JSONL file, the folder its image paths are relative to, the
-    longest sample allowed (in tokens, image tokens included) and what to do with bad samples."""
+    longest sample allowed (in tokens, image tokens included) and what to do with bad samples.
+
+    cache: keep each built sample (token ids, labels, preprocessed image; an image once however
+    many records share it) in memory after its first use, so later epochs skip decoding and
+    tokenising. For data that fits in RAM (the shapes world: ~100 MB); each DataLoader worker
+    keeps its own cache for as long as it lives."""
 
     data_path: str
     image_folder: str | None = None
     max_length: int = 2048
     on_bad_sample: str = "error"
+    cache: bool = False
 
     def __post_init__(self) -> None:
         if self.on_bad_sample not in BAD_SAMPLE_POLICIES:
@@ -76,6 +82,8 @@ class LlavaDataset(Dataset):
         self.skip_stats = SkipStats()
         self._logged: Counter[str] = Counter()
         self._index: list[int] = []  # dataset position -> record index
+        self._samples: dict[int, dict[str, Any]] = {}  # record index -> built sample (config.cache)
+        self._images: dict[str, Any] = {}  # image path -> preprocessed image (config.cache)
         self.lengths: list[int] = []
         self.has_image: list[bool] = []
         for i in range(len(self.records)):
@@ -117,10 +125,15 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any] | SkippedSample:
         record_index = self._index[i]
+        if record_index in self._samples:
+            return self._samples[record_index]
         try:
-            return self._build(record_index)
+            sample = self._build(record_index)
         except BadSampleError as e:
-            return self._handle(e)
+            return self._handle(e)  # never cached: a bad sample is counted at every use
+        if self.config.cache:
+            self._samples[record_index] = sample
+        return sample
 
     def _build(self, record_index: int) -> dict[str, Any]:
         info = self._check(record_index)
@@ -146,6 +159,8 @@ class LlavaDataset(Dataset):
         """The record's preprocessed image [3, S, S], or None for a text-only record."""
         if info.image_path is None:
             return None
+        if info.image_path in self._images:
+            return self._images[info.image_path]
         try:
             pil = load_image(info.image_path)
         except Exception as e:  # PIL raises several unrelated types for bad files
@@ -153,7 +168,10 @@ class LlavaDataset(Dataset):
                 "unreadable_image", f"cannot decode image {info.image_path}: {e}",
                 source=self.config.data_path, index=record_index, record_id=info.record_id,
             ) from e
-        return self.processor.preprocess_images([pil])[0]
+        image = self.processor.preprocess_images([pil])[0]
+        if self.config.cache:
+            self._images[info.image_path] = image
+        return image
 
     def validate(self) -> SkipStats:
         """Build every sample once (decode images, tokenise, check lengths) and return the counts

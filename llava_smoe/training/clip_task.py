@@ -42,6 +42,7 @@ class ClipTaskConfig:
     model: a transformers `CLIPConfig` dict ({text_config, vision_config, projection_dim, ...});
         text_config.vocab_size / eos / pad ids are set from the tokenizer.
     max_length: longest caption in tokens (end token included).
+    cache_samples: keep built samples in memory after their first use (data that fits in RAM).
     """
 
     data: str | list[str]
@@ -51,6 +52,7 @@ class ClipTaskConfig:
     eval_data: str | None = None
     max_length: int = 77
     on_bad_sample: str = "error"
+    cache_samples: bool = False
 
     def __post_init__(self) -> None:
         if "vision_config" not in self.model or "text_config" not in self.model:
@@ -136,7 +138,8 @@ def build_clip(config: ClipTaskConfig, run) -> TaskParts:
                           f"{text.max_position_embeddings}")
 
     def dataset(path: str) -> CaptionDataset:
-        return CaptionDataset(DataConfig(path, config.image_folder, config.max_length, config.on_bad_sample),
+        return CaptionDataset(DataConfig(path, config.image_folder, config.max_length, config.on_bad_sample,
+                                         cache=config.cache_samples),
                               processor, text.eos_token_id)
 
     paths = [config.data] if isinstance(config.data, str) else list(config.data)

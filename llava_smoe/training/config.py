@@ -51,6 +51,9 @@ class OptimConfig:
     warmup_ratio: float = 0.03
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
+    # torch's fused AdamW kernel (one pass over every tensor): null picks it wherever it runs
+    # (floating-point parameters on CPU or CUDA); false keeps the per-tensor loop.
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.groups:

@@ -76,7 +76,10 @@ def build_param_groups(model: nn.Module, config: OptimConfig) -> tuple[list[dict
 
 
 def build_optimizer(groups: list[dict], config: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps)
+    fused = config.fused
+    if fused is None:
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps, fused=fused)
 
 
 class WarmupCosineSchedule:

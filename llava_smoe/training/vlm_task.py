@@ -42,6 +42,8 @@ class VLMTaskConfig:
     mot_to_token_choice: convert the loaded model's Mixture-of-Tokens layers to this token-choice
         router (e.g. smoe) for "transition tuning", so inference never mixes requests.
     on_bad_sample: "error" stops at the first bad record; "skip" drops and counts them.
+    cache_samples: keep built samples (tokens, preprocessed images) in memory after their first
+        use, for data that fits in RAM (the shapes world); later epochs skip decoding.
     """
 
     data: str | list[str]
@@ -58,6 +60,7 @@ class VLMTaskConfig:
     moe_placement: dict[str, Any] = field(default_factory=dict)
     mot_to_token_choice: str | None = None
     vision_freeze: bool | None = None
+    cache_samples: bool = False
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.init_from is None):
@@ -160,7 +163,8 @@ def build_vlm(config: VLMTaskConfig, run) -> TaskParts:
         model.set_vision_freeze(config.vision_freeze)
 
     def dataset(path: str) -> LlavaDataset:
-        return LlavaDataset(DataConfig(path, config.image_folder, config.max_length, config.on_bad_sample), processor)
+        return LlavaDataset(DataConfig(path, config.image_folder, config.max_length, config.on_bad_sample,
+                                       cache=config.cache_samples), processor)
 
     parts = [dataset(path) for path in ([config.data] if isinstance(config.data, str) else config.data)]
     for path, part in zip(config.data if isinstance(config.data, list) else [config.data], parts):
