@@ -43,8 +43,8 @@ class DataConfig:
 
     cache: keep each built sample (token ids, labels, preprocessed image; an image once however
     many records share it) in memory after its first use, so later epochs skip decoding and
-    tokenising. For data that fits in RAM (the shapes world: ~100 MB); each DataLoader worker
-    keeps its own cache for as long as it lives."""
+    tokenising. For data that fits in RAM (the shapes world: ~100 MB a dataset); each DataLoader
+    worker keeps its own cache for as long as it lives."""
 
     data_path: str
     image_folder: str | None = None
