@@ -12,33 +12,20 @@ moment on a shared machine hits both; ratios are medians of per-round ratios.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 
-def _round_robin(variants: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(warmup + repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            variants[name]()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+from .moe import _ratio, time_interleaved
 
 
 def _rows(times: dict[str, list[float]], baseline: str, unit_count: int, unit: str, setup: dict) -> list[dict]:
-    import torch
-
     rows = []
     for name, ts in times.items():
-        ratios = [t / b for t, b in zip(ts, times[baseline])]
         rows.append({"variant": name, f"ms_per_{unit}": 1e3 * statistics.median(ts) / unit_count,
                      "ms_min": 1e3 * min(ts) / unit_count, "ms_max": 1e3 * max(ts) / unit_count,
-                     "ratio_to_baseline": statistics.median(ratios), "baseline": baseline,
+                     "ratio_to_baseline": _ratio(ts, times[baseline]), "baseline": baseline,
                      "threads": torch.get_num_threads(), "torch": torch.__version__, **setup})
     return rows
 
@@ -64,7 +51,6 @@ class DataBenchConfig:
 
 def run_data_bench(config: DataBenchConfig) -> list[dict]:
     """Epochs of batches from a fresh dataset per run: `uncached` (baseline) and `cached`."""
-    import torch
     from torch.utils.data import DataLoader
 
     from llava_smoe.data import DataCollator, DataConfig, LlavaDataset
@@ -86,7 +72,8 @@ def run_data_bench(config: DataBenchConfig) -> list[dict]:
                     pass
         return go
 
-    times = _round_robin({"uncached": epochs(False), "cached": epochs(True)}, config.repeats, config.warmup)
+    times = time_interleaved({"uncached": epochs(False), "cached": epochs(True)}, config.repeats, config.warmup,
+                             torch.device("cpu"))
     setup = {"epochs": config.epochs, "batch": config.batch, "data": config.data}
     return _rows(times, "uncached", batches, "batch", setup)
 
@@ -112,8 +99,6 @@ class AdamWBenchConfig:
 def run_adamw_bench(config: AdamWBenchConfig) -> list[dict]:
     """`steps` AdamW steps over a decoder's parameter shapes (attention, SwiGLU FFN, two norms per
     layer; embeddings): the per-tensor loop (`loop`, baseline) and torch's fused kernel (`fused`)."""
-    import torch
-
     D, F = config.hidden_size, config.ffn_size
     shapes = [(config.vocab_size, D), (D,)]
     for _ in range(config.layers):
@@ -131,7 +116,8 @@ def run_adamw_bench(config: AdamWBenchConfig) -> list[dict]:
                 optimizer.step()
         return go
 
-    times = _round_robin({"loop": steps(False), "fused": steps(True)}, config.repeats, config.warmup)
+    times = time_interleaved({"loop": steps(False), "fused": steps(True)}, config.repeats, config.warmup,
+                             torch.device("cpu"))
     setup = {"tensors": len(shapes), "parameters": sum(torch.Size(s).numel() for s in shapes), "steps": config.steps}
     return _rows(times, "loop", config.steps, "step", setup)
 
