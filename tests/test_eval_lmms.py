@@ -151,3 +151,56 @@ def test_llava_smoe_eval_compare_writes_results_and_table(tiny_setup, tmp_path, 
         assert json.loads(lines[0])["arguments"][0].endswith("Answer the question using a single word or phrase.")
     assert (out / "data" / "instruct_test.parquet").is_file()
     assert str(out / "data" / "instruct_test.parquet") in (out / "tasks" / "llava_smoe_vqa.yaml").read_text()
+
+
+def _broken_task_folder(tmp_path) -> str:
+    """A local task over a parquet file without the `question` column its doc_to_text reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llava_smoe.evaluation.tasks import LOCAL_TASKS, task_yaml
+
+    data = tmp_path / "no_question.parquet"
+    pq.write_table(pa.table({"prompt": ["what colour?"], "answer": ["red"]}), data)
+    folder = tmp_path / "broken_tasks"
+    folder.mkdir()
+    text = task_yaml(LOCAL_TASKS["llava_smoe_vqa"], str(data)).replace("task: llava_smoe_vqa", "task: broken_vqa")
+    (folder / "broken_vqa.yaml").write_text(text)
+    return str(folder)
+
+
+def test_llava_smoe_eval_fails_when_lmms_eval_fails(tiny_setup, tmp_path, capsys):
+    from llava_smoe.cli import main
+
+    out = tmp_path / "eval"
+    code = main(["eval", tiny_setup.checkpoint, "--tasks", "broken_vqa", "--include-path", _broken_task_folder(tmp_path),
+                 "--limit", "1", "--device", "cpu", "--out", str(out)])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: lmms-eval failed on ") and "KeyError: 'question'" in err
+    assert not (out / "results.md").exists() and not (out / "summary.json").exists()
+
+
+def test_llava_smoe_eval_fails_on_logged_errors_and_missing_results(tiny_setup, tmp_path, monkeypatch, capsys):
+    """lmms-eval also reports failures in its log and returns whatever it has: both are errors here."""
+    import lmms_eval.evaluator
+    from loguru import logger
+
+    from llava_smoe.cli import main
+
+    outcomes = iter([("a task's documents could not be loaded", {"results": {"llava_smoe_vqa": {}}}),
+                     (None, {"results": {}}), (None, None)])
+
+    def fake_simple_evaluate(**kwargs):
+        message, results = next(outcomes)
+        if message:
+            logger.error(message)
+        return results
+
+    monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", fake_simple_evaluate)
+    expected = ["reported 1 error(s) on", "wrote no results for task(s) ['llava_smoe_vqa']", "returned no results"]
+    for i, fragment in enumerate(expected):
+        code = main(["eval", tiny_setup.checkpoint, "--tasks", "llava_smoe_vqa", "--data", tiny_setup.test_json,
+                     "--device", "cpu", "--out", str(tmp_path / f"eval{i}")])
+        assert code == 1
+        assert fragment in capsys.readouterr().err

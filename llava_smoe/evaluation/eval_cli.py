@@ -57,15 +57,21 @@ def run(args: argparse.Namespace) -> int:
     if not args.tasks or not args.out:
         raise SystemExit("--tasks and --out are required")
 
-    from llava_smoe.evaluation.harness import EvalConfig, markdown_table, run_eval
+    import sys
 
-    config = EvalConfig(
-        checkpoints=checkpoints, tasks=args.tasks.split(","), out=args.out, data=args.data,
-        image_folder=args.image_folder, limit=args.limit, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, max_new_tokens=args.max_new_tokens, gen_kwargs=args.gen_kwargs,
-        log_samples=not args.no_samples, extra_include_paths=args.include_path,
-    )
-    results = run_eval(config)
+    from llava_smoe.evaluation.harness import EvalConfig, EvalError, markdown_table, run_eval
+
+    try:
+        config = EvalConfig(
+            checkpoints=checkpoints, tasks=args.tasks.split(","), out=args.out, data=args.data,
+            image_folder=args.image_folder, limit=args.limit, batch_size=args.batch_size, device=args.device,
+            dtype=args.dtype, max_new_tokens=args.max_new_tokens, gen_kwargs=args.gen_kwargs,
+            log_samples=not args.no_samples, extra_include_paths=args.include_path,
+        )
+        results = run_eval(config)
+    except (EvalError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if results:
         print(markdown_table(results), end="")
     return 0

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,10 @@ from llava_smoe.evaluation.tasks import LOCAL_TASKS, write_task_folder
 
 log = logging.getLogger(__name__)
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+class EvalError(RuntimeError):
+    """lmms-eval failed, reported an error, or returned no results for a checkpoint."""
 
 
 @dataclass
@@ -155,9 +161,55 @@ def _write_outputs(folder: str, results: dict[str, Any]) -> None:
                 f.write(json.dumps(record, default=handle_non_serializable, ensure_ascii=False) + "\n")
 
 
-def run_eval(config: EvalConfig) -> dict[str, dict[tuple[str, str], float]]:
-    """Evaluate every checkpoint on every task; returns label -> {(task, metric): value}."""
+@contextmanager
+def _logged_errors() -> Iterator[list[str]]:
+    """Collect what lmms-eval logs at ERROR level: some of its failures are logged, not raised."""
+    from loguru import logger
+
+    errors: list[str] = []
+    sink = logger.add(lambda message: errors.append(message.record["message"]), level="ERROR", format="{message}")
+    try:
+        yield errors
+    finally:
+        logger.remove(sink)
+
+
+def _evaluate_checkpoint(ckpt: str, lm: Any, config: EvalConfig, task_manager: Any) -> dict[str, Any] | None:
+    """lmms-eval's results for one checkpoint (None on ranks other than 0); raises EvalError
+    when lmms-eval raises, logs an error, or leaves a requested task without results."""
     from lmms_eval.evaluator import simple_evaluate
+
+    with _logged_errors() as logged:
+        try:
+            results = simple_evaluate(
+                model=lm,
+                model_args=f"pretrained={ckpt}",
+                tasks=config.tasks,
+                limit=config.limit,
+                batch_size=config.batch_size,
+                gen_kwargs=config.gen_kwargs,
+                log_samples=config.log_samples,
+                task_manager=task_manager,
+                bootstrap_iters=0,
+            )
+        except Exception as exc:  # noqa: BLE001 - lmms-eval raises anything; report it as one error
+            raise EvalError(f"lmms-eval failed on {ckpt}: {type(exc).__name__}: {exc}") from exc
+    if logged:
+        raise EvalError(f"lmms-eval reported {len(logged)} error(s) on {ckpt}: " + " | ".join(logged))
+    if results is None:
+        if lm.world_size > 1 and lm.rank != 0:
+            return None
+        raise EvalError(f"lmms-eval returned no results for {ckpt}")
+    found = set(results.get("results", {})) | set(results.get("groups", {}))
+    missing = [t for t in config.tasks if t not in found]
+    if missing:
+        raise EvalError(f"lmms-eval wrote no results for task(s) {missing} on {ckpt}")
+    return results
+
+
+def run_eval(config: EvalConfig) -> dict[str, dict[tuple[str, str], float]]:
+    """Evaluate every checkpoint on every task; returns label -> {(task, metric): value}.
+    Raises EvalError at the first checkpoint lmms-eval fails on."""
     from lmms_eval.tasks import TaskManager
 
     from llava_smoe.evaluation.lmms_model import LlavaSmoeLmms
@@ -176,17 +228,7 @@ def run_eval(config: EvalConfig) -> dict[str, dict[tuple[str, str], float]]:
         log.info("evaluating %s on %s", ckpt, ",".join(config.tasks))
         lm = LlavaSmoeLmms(pretrained=ckpt, device=config.device, dtype=config.dtype,
                            batch_size=config.batch_size, max_new_tokens=config.max_new_tokens)
-        results = simple_evaluate(
-            model=lm,
-            model_args=f"pretrained={ckpt}",
-            tasks=config.tasks,
-            limit=config.limit,
-            batch_size=config.batch_size,
-            gen_kwargs=config.gen_kwargs,
-            log_samples=config.log_samples,
-            task_manager=task_manager,
-            bootstrap_iters=0,
-        )
+        results = _evaluate_checkpoint(ckpt, lm, config, task_manager)
         if results is None:  # ranks other than 0 under several processes
             continue
         per_checkpoint[label] = metric_rows(results)
