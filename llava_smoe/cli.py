@@ -1,13 +1,16 @@
 """The `llava-smoe` command: one thin sub-command per job; the library does the work.
 
 Each sub-command lives in a module exposing `add_arguments(parser)` and `run(args)`; modules
-are imported only when needed so `llava-smoe --help` stays fast.
+are imported only when needed so `llava-smoe --help` stays fast. A bad recipe, a bad record or
+a missing file ends the command with one line naming it (`error: ...`) and exit status 2;
+LLAVA_SMOE_TRACEBACK=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -18,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("llava_smoe.data.cli", "generate the synthetic shapes-world dataset; check a LLaVA dataset"),
     "eval": ("llava_smoe.evaluation.eval_cli", "evaluate checkpoints with lmms-eval (benchmarks and local tasks), side by side"),
     "inspect": ("llava_smoe.evaluation.inspect_cli", "routing analysis: expert load by modality, entropy, dead experts, competition agreement"),
-    "compare": ("llava_smoe.lm.cli", "compare training runs: a markdown table and plots from their metrics.jsonl"),
+    "compare": ("llava_smoe.evaluation.compare_cli", "compare training runs: a markdown table and plots from their metrics.jsonl"),
     "chat": ("llava_smoe.serve.chat", "chat with a checkpoint in the terminal (streaming; /image, /reset, /quit)"),
     "web": ("llava_smoe.serve.web", "serve a checkpoint as a Gradio chat page with image upload and expert routing"),
     "serve": ("llava_smoe.serve.api", "serve a checkpoint over an OpenAI-compatible HTTP API (chat completions)"),
@@ -36,6 +39,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _is_input_error(exc: BaseException) -> bool:
+    """Errors about what the user gave (recipe, data, paths), as opposed to bugs."""
+    from llava_smoe.config import ConfigError
+
+    kinds: list[type] = [ConfigError, FileNotFoundError, NotADirectoryError]
+    for module, name in (("llava_smoe.data.records", "BadSampleError"),
+                         ("llava_smoe.processing.templates", "ConversationError")):
+        if module in sys.modules:  # raised from there only if it was imported
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(exc, tuple(kinds))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Import only the chosen sub-command's module (argument parsing needs nothing else).
@@ -45,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
-    result = importlib.import_module(args._module).run(args)
+    try:
+        result = importlib.import_module(args._module).run(args)
+    except Exception as exc:
+        if not _is_input_error(exc) or os.environ.get("LLAVA_SMOE_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

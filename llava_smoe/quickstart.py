@@ -27,9 +27,9 @@ NUM_TEST_IMAGES = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from llava_smoe.moe import available_routers
+    from llava_smoe.moe.routers import BUILTIN_ROUTERS
 
-    parser.add_argument("--router", default="competesmoe", choices=available_routers(),
+    parser.add_argument("--router", default="competesmoe", choices=BUILTIN_ROUTERS,
                         help="router of the MoE stage (default: competesmoe)")
     parser.add_argument("--out", default="playground/quickstart", help="where checkpoints and results go")
     parser.add_argument("--data", default="playground/data/shapes", help="where the synthetic data goes")
@@ -129,11 +129,9 @@ def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int 
 def evaluate(checkpoint: Path, data: Path) -> dict:
     """Exact-match accuracy on the held-out test split, with the image and blind."""
     from llava_smoe.evaluation import evaluate_exact_match
-    from llava_smoe.model import load_model
-    from llava_smoe.processing import LlavaSmoeProcessor
+    from llava_smoe.pretrained import load_pretrained
 
-    model = load_model(str(checkpoint)).eval()
-    processor = LlavaSmoeProcessor.from_pretrained(checkpoint)
+    model, processor = load_pretrained(checkpoint)
     records = json.loads((data / "instruct_test.json").read_text())
     images = str(data / "images")
     seen = evaluate_exact_match(model, processor, records, images, blind=False)

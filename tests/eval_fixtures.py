@@ -24,9 +24,15 @@ def tiny_setup(tmp_path_factory) -> TinySetup:
     import torch
     from transformers import AutoTokenizer
 
+    from llava_smoe import save_pretrained
     from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
-    from llava_smoe.model import build_model, tiny_model_config
-    from llava_smoe.processing import ImageProcessingConfig, LlavaSmoeProcessor, ProcessorConfig
+    from llava_smoe.model import build_model
+    from llava_smoe.processing import (
+        ImageProcessingConfig,
+        LlavaSmoeProcessor,
+        ProcessorConfig,
+    )
+    from llava_smoe.testing import tiny_model_config
 
     root = tmp_path_factory.mktemp("eval_tiny")
     data_dir = str(root / "shapes")
@@ -38,18 +44,16 @@ def tiny_setup(tmp_path_factory) -> TinySetup:
     torch.manual_seed(0)
     model = build_model(tiny_model_config(
         "clip", "qwen2", vocab_size=len(tokenizer), image_token_id=processor.image_token_id,
-        moe={"num_experts": 4, "top_k": 2, "router": "competesmoe"}, chat_template_name="chatml",
+        moe={"num_experts": 4, "top_k": 2, "router": "competesmoe"},
     ))
     checkpoint = str(root / "ckpt")
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
+    save_pretrained(model, processor, checkpoint)
     return TinySetup(checkpoint, data_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_setup):
     """(model, processor) loaded back from the checkpoint folder, as evaluation does."""
-    from llava_smoe.model import load_model
-    from llava_smoe.processing import LlavaSmoeProcessor
+    from llava_smoe import load_pretrained
 
-    return load_model(tiny_setup.checkpoint), LlavaSmoeProcessor.from_pretrained(tiny_setup.checkpoint)
+    return load_pretrained(tiny_setup.checkpoint)

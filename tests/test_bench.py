@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from llava_smoe.bench import MoEBenchConfig, build_hf_block, check_hf_equivalence
+from llava_smoe.bench.moe import MoEBenchConfig, build_hf_block, check_hf_equivalence
 from llava_smoe.cli import main
 from llava_smoe.moe import MoEConfig, MoELayer, available_routers
 
@@ -75,7 +75,12 @@ def test_bench_adamw_cli_compares_fused_with_the_loop(tmp_path, capsys):
 def test_bench_data_cli_compares_cached_with_uncached(tmp_path, capsys):
     from PIL import Image
 
-    from llava_smoe.processing import ImageProcessingConfig, LlavaSmoeProcessor, ProcessorConfig, train_bpe_tokenizer
+    from llava_smoe.processing import (
+        ImageProcessingConfig,
+        LlavaSmoeProcessor,
+        ProcessorConfig,
+        train_bpe_tokenizer,
+    )
 
     tok = train_bpe_tokenizer(["What color is it? red blue"] * 10, vocab_size=300)
     LlavaSmoeProcessor(tok, ProcessorConfig(template="chatml", num_image_tokens=4,

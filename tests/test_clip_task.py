@@ -11,11 +11,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from llava_smoe.config import ConfigError
 from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
 from llava_smoe.data.records import BadSampleError
 from llava_smoe.model import build_vision_tower
 from llava_smoe.training import load_recipe
-from llava_smoe.training.config import ConfigError
 from llava_smoe.training.tasks import get_task
 from llava_smoe.training.trainer import train
 

@@ -14,7 +14,13 @@ from llava_smoe.data import (
     ModalityLengthGroupedSampler,
     SkippedSample,
 )
-from llava_smoe.processing import IGNORE_INDEX, ImageProcessingConfig, LlavaSmoeProcessor, ProcessorConfig, train_bpe_tokenizer
+from llava_smoe.processing import (
+    IGNORE_INDEX,
+    ImageProcessingConfig,
+    LlavaSmoeProcessor,
+    ProcessorConfig,
+    train_bpe_tokenizer,
+)
 
 NUM_IMAGE_TOKENS = 4
 
@@ -89,7 +95,7 @@ def test_bad_records_raise_naming_file_index_and_id(tmp_path, processor, case):
 def test_bad_records_are_skipped_and_counted(tmp_path, processor, case, caplog):
     with caplog.at_level(logging.WARNING):
         ds = build(tmp_path, [good(0), BAD_AT_INDEXING[case], good(2)], processor, policy="skip")
-    assert len(ds) == 2 and [ds[i]["index"] for i in range(2)] == [0, 2]
+    assert len(ds) == 2 and [ds.record_index(i) for i in range(2)] == [0, 2]
     assert ds.skip_stats.as_dict() == {EXPECTED_REASON[case]: 1}
     assert "id='r1'" in caplog.text
 
@@ -133,10 +139,10 @@ def test_too_long_sample(tmp_path, processor, policy):
 def test_sample_contents(tmp_path, processor):
     ds = build(tmp_path, [good(0), good(1, image=False)], processor)
     s = ds[0]
-    assert s["has_image"] and s["image"].shape == (3, 8, 8)
+    assert set(s) == {"input_ids", "labels", "image"} and s["image"].shape == (3, 8, 8)
     assert int((s["input_ids"] == processor.image_token_id).sum()) == NUM_IMAGE_TOKENS
     assert processor.decode(s["labels"][s["labels"] != IGNORE_INDEX], skip_special_tokens=False) == "red<|im_end|>"
-    assert ds[1]["image"] is None and not ds[1]["has_image"]
+    assert ds[1]["image"] is None
     assert ds.has_image == [True, False] and ds.lengths[0] > ds.lengths[1]
 
 
@@ -210,16 +216,17 @@ def test_collation_pads_right_and_mixes_modalities(tmp_path, processor):
         assert (batch["input_ids"][b, n:] == processor.pad_token_id).all()
         assert (batch["labels"][b, n:] == IGNORE_INDEX).all()
         assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (L - n)
-    assert batch["has_image"].tolist() == [True, False, True]
-    assert batch["images"].shape == (2, 3, 8, 8)
-    assert torch.equal(batch["images"][1], samples[2]["image"])
+    # exactly the model's keyword arguments, plus the skip counts the trainer pops
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "pixel_values", "skipped"}
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)  # one row per image, in batch order
+    assert torch.equal(batch["pixel_values"][1], samples[2]["image"])
     assert batch["skipped"] == {}
 
 
-def test_collation_of_text_only_batch_has_empty_images(tmp_path, processor):
+def test_collation_of_text_only_batch_has_no_pixels(tmp_path, processor):
     ds = build(tmp_path, [good(0, image=False)], processor)
     batch = DataCollator.from_processor(processor)([ds[0]])
-    assert batch["images"].shape == (0, 3, 8, 8) and batch["has_image"].tolist() == [False]
+    assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 1
 
 
 def sampler_inputs(n=103, seed=0):
@@ -279,7 +286,8 @@ def test_dataloader_end_to_end(tmp_path, processor):
     loader = DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=DataCollator.from_processor(processor))
     seen = 0
     for batch in loader:
-        assert batch["images"].shape[0] == int(batch["has_image"].sum())
-        assert len(set(batch["has_image"].tolist())) == 1
+        with_image = int((batch["input_ids"] == processor.image_token_id).any(-1).sum())
+        assert batch["pixel_values"].shape[0] == with_image if with_image else "pixel_values" not in batch
+        assert with_image in (0, batch["input_ids"].shape[0])  # one modality per batch
         seen += batch["input_ids"].shape[0]
     assert seen == 12

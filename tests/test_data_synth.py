@@ -6,7 +6,12 @@ from collections import Counter, defaultdict
 import pytest
 
 from llava_smoe.cli import main as cli_main
-from llava_smoe.data import DataConfig, LlavaDataset, ShapesWorldConfig, generate_shapes_world
+from llava_smoe.data import (
+    DataConfig,
+    LlavaDataset,
+    ShapesWorldConfig,
+    generate_shapes_world,
+)
 from llava_smoe.data.synth import COLORS, DEFAULT_QUESTION_TYPES, QUESTION_TYPES, SHAPES
 from llava_smoe.processing import LlavaSmoeProcessor, ProcessorConfig
 

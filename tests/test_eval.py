@@ -21,8 +21,19 @@ from llava_smoe.evaluation.generation import (
     sorted_batches,
     truncate_at_stop,
 )
-from llava_smoe.evaluation.questions import QAItem, export_parquet, flatten_records, load_questions
-from llava_smoe.evaluation.tasks import LOCAL_TASKS, doc_to_text, process_results, task_yaml, write_task_folder
+from llava_smoe.evaluation.questions import (
+    QAItem,
+    export_parquet,
+    flatten_records,
+    load_questions,
+)
+from llava_smoe.evaluation.tasks import (
+    LOCAL_TASKS,
+    doc_to_text,
+    process_results,
+    task_yaml,
+    write_task_folder,
+)
 from llava_smoe.evaluation.vqa import normalize_answer, vqa_accuracy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,8 +297,9 @@ def test_inspect_writes_json_and_png(tiny_setup, tmp_path, capsys):
 
 def test_competition_probe_agrees_with_a_direct_computation(tiny_loaded):
     """The probe's top-k overlap equals router top-k vs competition top-k computed by hand."""
-    from llava_smoe.evaluation.routing import CompetitionProbe, competition_affinity
+    from llava_smoe.evaluation.routing import CompetitionProbe
     from llava_smoe.moe import moe_layers
+    from llava_smoe.moe.routers.competesmoe import neural_response
 
     model, _ = tiny_loaded
     name, layer = moe_layers(model)[0]
@@ -296,7 +308,7 @@ def test_competition_probe_agrees_with_a_direct_computation(tiny_loaded):
     with probe, torch.no_grad():
         layer(x_TD)
     (stats,) = probe.summary().values()
-    affinity = competition_affinity(layer.experts.forward_all(x_TD), layer.router.opts.affinity)
+    affinity = neural_response(layer.experts.forward_all(x_TD), layer.router.opts.affinity)
     router_idx = layer.router.gate(x_TD).expert_idx_TK
     comp_idx = affinity.topk(layer.config.top_k, dim=-1).indices
     expected = torch.tensor([len(set(r.tolist()) & set(c.tolist())) / layer.config.top_k

@@ -90,7 +90,7 @@ def test_model_args_and_multi_round_errors(lmms_with_docs):
     lm, _ = lmms_with_docs
     with pytest.raises(NotImplementedError, match="generate_until_multi_round"):
         lm.generate_until_multi_round([])
-    with pytest.raises(ValueError, match="unknown model_args"):
+    with pytest.raises(ValueError, match="unknown key 'model_args.temprature'"):
         LlavaSmoeLmms(pretrained="x", temprature=0)
     with pytest.raises(ValueError, match="pretrained=PATH"):
         LlavaSmoeLmms()

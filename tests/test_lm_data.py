@@ -10,7 +10,7 @@ import pytest
 import torch
 from lm_helpers import write_corpus
 
-from llava_smoe.lm.data import (
+from llava_smoe.data.text import (
     PackedSequences,
     ReadOptions,
     build_token_cache,
@@ -46,7 +46,7 @@ def test_corrupt_and_empty_documents_are_counted_and_skipped(tmp_path, caplog):
     assert lines == ["para one", "still one", "para three"]
     assert list(iter_documents([txt], ReadOptions(format="text", text_split="file"), skipped := Counter())) == []
     assert skipped == {"undecodable": 1}
-    with caplog.at_level("INFO", logger="llava_smoe.lm.data"):
+    with caplog.at_level("INFO", logger="llava_smoe.data.text"):
         cache = build_token_cache([jsonl], ReadOptions(), tmp_path / "cache", bpe_vocab_size=300)
     assert cache.meta["documents"] == 2
     assert cache.meta["skipped"] == {"bad_json": 1, "missing_text": 3, "empty": 1, "undecodable": 1}

@@ -7,8 +7,18 @@ import json
 import pytest
 import torch
 
-from llava_smoe.lm.model import LMModelConfig, build_lm, lm_moe_spec, load_lm, parameter_counts, save_lm
+from llava_smoe.model import (
+    LMModelConfig,
+    lm_moe,
+    load_language_model,
+    parameter_counts,
+    save_language_model,
+)
 from llava_smoe.moe import MoELayer, moe_layers
+
+
+def build_lm(config: LMModelConfig, **kwargs):
+    return config.build(**kwargs)
 
 
 def arch(family: str = "qwen3", **extra) -> dict:
@@ -35,12 +45,13 @@ def test_moe_lm_saves_and_loads_with_identical_outputs(tmp_path, family):
     per_expert = sum(p.numel() for p in layer.experts.parameters()) // 4
     assert counts["total"] - counts["active"] == 2 * per_expert
 
-    out = save_lm(lm, tmp_path / "lm")
+    out = save_language_model(lm, tmp_path / "lm")
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == family and saved["llava_smoe_moe"]["layers"] == [1]
-    loaded = load_lm(out)
-    spec = lm_moe_spec(loaded.config)
-    assert spec is not None and spec[0].router == "sigmoid" and spec[0].num_shared_experts == 1 and spec[1] == [1]
+    loaded = load_language_model(str(out))
+    spec = lm_moe(loaded.config)
+    assert spec is not None and spec.moe_config.router == "sigmoid" and spec.moe_config.num_shared_experts == 1
+    assert spec.layers == [1]
     x = torch.randint(0, 100, (2, 12))
     lm.eval()
     loaded.eval()
@@ -53,8 +64,8 @@ def test_dense_lm_is_a_plain_transformers_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
     lm = build_lm(LMModelConfig(architecture=arch("llama")), vocab_size=64, max_seq_len=16).eval()
-    assert lm_moe_spec(lm.config) is None and not moe_layers(lm)
-    reloaded = AutoModelForCausalLM.from_pretrained(save_lm(lm, tmp_path / "dense")).eval()
+    assert lm_moe(lm.config) is None and not moe_layers(lm)
+    reloaded = AutoModelForCausalLM.from_pretrained(save_language_model(lm, tmp_path / "dense")).eval()
     x = torch.randint(0, 64, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, lm(input_ids=x).logits)
@@ -63,7 +74,7 @@ def test_dense_lm_is_a_plain_transformers_checkpoint(tmp_path):
 def test_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="model_type"):
         LMModelConfig(architecture={"hidden_size": 8})
-    with pytest.raises(ValueError, match="moe: .*top_k=5 exceeds num_experts=4"):
+    with pytest.raises(ValueError, match="moe.top_k: top_k=5 exceeds num_experts=4"):
         LMModelConfig(moe={"num_experts": 4, "top_k": 5, "router": "smoe"})
     with pytest.raises(ValueError, match="max_position_embeddings=8 is below the sequence length 16"):
         build_lm(LMModelConfig(architecture=arch(max_position_embeddings=8)), vocab_size=50, max_seq_len=16)
@@ -75,13 +86,14 @@ def test_config_errors_name_the_fix():
 def test_saved_lm_is_the_vlm_language_model_without_conversion(tmp_path):
     """Stage 2 from a pretrained MoE LM: the VLM loads the folder by path, MoE layers included, and
     reloads from its own checkpoint with the same outputs."""
-    from llava_smoe.model import build_model, load_model, tiny_vision_config
-    from llava_smoe.model.language_model import upcycle_blocks
+    from llava_smoe.model import LlavaSmoeForConditionalGeneration, build_model
+    from llava_smoe.model.surgery import upcycle_layers
     from llava_smoe.moe import MoEConfig
+    from llava_smoe.testing import tiny_vision_config
 
     moe = {"num_experts": 4, "top_k": 2, "router": "competesmoe"}
     lm = build_lm(LMModelConfig(architecture=arch(), moe=moe, moe_layers="all"), vocab_size=96, max_seq_len=64)
-    out = save_lm(lm, tmp_path / "lm")
+    out = save_language_model(lm, tmp_path / "lm")
     vlm = build_model({
         "vision": tiny_vision_config("clip"),
         "projector": {"type": "mlp2x_gelu"},
@@ -95,8 +107,8 @@ def test_saved_lm_is_the_vlm_language_model_without_conversion(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(vlm(input_ids=x).logits, lm(input_ids=x).logits, rtol=0, atol=0)
     vlm.save_pretrained(tmp_path / "vlm")
-    again = load_model(str(tmp_path / "vlm")).eval()
+    again = LlavaSmoeForConditionalGeneration.from_pretrained(tmp_path / "vlm").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=x).logits, lm(input_ids=x).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="already an MoE layer"):  # surgery applies to dense FFNs only
-        upcycle_blocks(again.language_model.model.layers, [0], MoEConfig(), where="language model")
+        upcycle_layers(again.language_model.model.layers, [0], MoEConfig(), where="language model")

@@ -11,11 +11,12 @@ import torch
 import yaml
 from lm_helpers import lm_recipe, metrics, write_corpus
 
-from llava_smoe.lm.compare import PNG_SIGNATURE
-from llava_smoe.lm.model import lm_moe_spec, load_lm
-from llava_smoe.lm.task import LMTaskConfig
+from llava_smoe.config import ConfigError
+from llava_smoe.evaluation.compare import PNG_SIGNATURE
+from llava_smoe.model import lm_moe, load_language_model
+from llava_smoe.tasks.lm import LMTaskConfig
 from llava_smoe.training import trainer as trainer_mod
-from llava_smoe.training.config import ConfigError, RunConfig, build_dataclass
+from llava_smoe.training.config import RunConfig
 from llava_smoe.training.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def train(recipe: dict):
-    return trainer_mod.train(RunConfig.from_dict(json.loads(json.dumps(recipe))))
+    return trainer_mod.train(RunConfig.parse(json.loads(json.dumps(recipe))))
 
 
 def eval_losses(out: Path) -> list[float]:
@@ -55,8 +56,8 @@ def test_lm_trains_evaluates_and_exports_a_loadable_model(tmp_path, corpus):
     data = json.loads((out / "data.json").read_text())
     assert data["tokens_per_step"] == 32 * 4 and data["eval_sequences"] > 0
     assert data["train_corpus"]["documents"] == 600 and not data["train_corpus"]["reused"]
-    lm = load_lm(out / "final").eval()
-    assert lm_moe_spec(lm.config)[0].router == "smoe"
+    lm = load_language_model(str(out / "final")).eval()
+    assert lm_moe(lm.config).moe_config.router == "smoe"
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out / "final")
@@ -173,12 +174,12 @@ def test_compare_writes_table_and_plots(tmp_path, capsys):
 
 def test_recipes_are_valid():
     run = load_recipe(ROOT / "train" / "lm" / "tiny.yaml")
-    assert run.task == "lm" and run.task_options["model"]["moe"]["num_experts"] == 4
+    assert run.task == "lm" and run.task_config.model.moe.num_experts == 4
     paths = sorted((ROOT / "train" / "lm").glob("*.yaml"))
     assert len(paths) >= 6
     for path in paths:  # every documented recipe validates, its task section (and MoE config) included
-        run = load_recipe(path)
-        config = build_dataclass(LMTaskConfig, run.task_options, "lm")
+        config = load_recipe(path).task_config
+        assert isinstance(config, LMTaskConfig)
         assert config.seq_len == (64 if path.name == "tiny.yaml" else 1024), path.name
 
 

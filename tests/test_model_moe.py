@@ -7,20 +7,23 @@ import torch
 
 from llava_smoe.model import (
     LlavaSmoeConfig,
+    LlavaSmoeForConditionalGeneration,
     MoEPlacement,
     MoEProjector,
     build_language_model,
     build_model,
     build_projector,
     decoder_layers,
-    load_model,
-    resolve_layers,
-    tiny_model_config,
-    tiny_text_config,
-    upcycle_blocks,
+    lm_moe,
+    upcycle,
     upcycle_projector,
 )
+from llava_smoe.model.surgery import upcycle_layers
 from llava_smoe.moe import MoEConfig, MoELayer, collect_aux_losses, moe_layers
+from llava_smoe.moe.config import resolve_layers
+from llava_smoe.testing import tiny_model_config, tiny_text_config
+
+load_model = LlavaSmoeForConditionalGeneration.from_pretrained
 
 T = 16
 
@@ -47,13 +50,13 @@ def _moe(router="smoe", **kw):
 
 
 def test_resolve_layers():
-    assert resolve_layers("every_other", 6, where="x") == [1, 3, 5]
-    assert resolve_layers("all", 3, where="x") == [0, 1, 2]
-    assert resolve_layers("none", 3, where="x") == []
-    assert resolve_layers([3, 0, 3], 4, where="x") == [0, 3]
+    assert resolve_layers("every_other", 6) == [1, 3, 5]
+    assert resolve_layers("all", 3) == [0, 1, 2]
+    assert resolve_layers("none", 3) == []
+    assert resolve_layers([3, 0, 3], 4) == [0, 3]
     with pytest.raises(ValueError, match=r"layer indices \[4\] are out of range"):
-        resolve_layers([4], 4, where="x")
-    with pytest.raises(ValueError, match="placement"):
+        resolve_layers([4], 4)
+    with pytest.raises(ValueError, match=r"language_model: 'odd' is not one of \['all', 'every_other', 'none'\]"):
         MoEPlacement(language_model="odd")
 
 
@@ -63,17 +66,17 @@ def test_upcycled_model_matches_dense(router, family):
     model = _dense("clip", family)
     ids, px = _batch(model)
     dense = _logits(model, ids, px)
-    model.apply_moe(_moe(router), {"language_model": "every_other"})
+    upcycle(model, _moe(router), language_model="every_other")
     layers = model.language_model.model.layers
     assert [i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoELayer)] == [1, 3]
     torch.testing.assert_close(_logits(model, ids, px), dense, rtol=1e-4, atol=1e-5)
-    assert model.config.moe_config["router"] == router
+    assert lm_moe(model.config.text_config).moe_config.router == router
 
 
 def test_build_with_moe_equals_dense_build_and_reloads(tmp_path):
     dense = _dense("open_clip", "llama")
     torch.manual_seed(0)
-    moe = build_model(tiny_model_config("open_clip", "llama", moe=_moe("competesmoe").to_dict(),
+    moe = build_model(tiny_model_config("open_clip", "llama", moe=_moe("competesmoe"),
                                         moe_placement={"language_model": "all"})).eval()
     assert len(moe_layers(moe)) == 4
     ids, px = _batch(moe)
@@ -91,21 +94,22 @@ def test_build_with_moe_equals_dense_build_and_reloads(tmp_path):
 
 def test_upcycled_checkpoint_reloads_from_config_alone(tmp_path):
     model = _dense("siglip", "qwen3")
-    model.apply_moe(_moe("smoe", upcycle_noise=0.01), {"language_model": [0, 2]})
+    upcycle(model, _moe("smoe", upcycle_noise=0.01), language_model=[0, 2])
     ids, px = _batch(model)
     ref = _logits(model, ids, px)
     model.save_pretrained(tmp_path)
     cfg = LlavaSmoeConfig.from_pretrained(tmp_path)
-    assert cfg.moe_config["upcycle_noise"] == 0.01 and cfg.moe_placement["language_model"] == [0, 2]
+    recorded = lm_moe(cfg.text_config)
+    assert recorded.moe_config.upcycle_noise == 0.01 and recorded.layers == [0, 2]
     reloaded = load_model(str(tmp_path))
     torch.testing.assert_close(_logits(reloaded, ids, px), ref, rtol=0, atol=0)
 
 
 def test_surgery_applies_once():
     model = _dense()
-    model.apply_moe(_moe())
+    upcycle(model, _moe())
     with pytest.raises(ValueError, match="already has MoE layers"):
-        model.apply_moe(_moe())
+        upcycle(model, _moe())
 
 
 def test_vision_tower_moe_placement():
@@ -113,9 +117,9 @@ def test_vision_tower_moe_placement():
     ids, px = _batch(model)
     dense = _logits(model, ids, px)
     with pytest.raises(ValueError, match=r"blocks \[2\] come after the feature layer"):
-        model.apply_moe(_moe(), {"language_model": "none", "vision_tower": [1, 2]})
+        upcycle(model, _moe(), language_model="none", vision_tower=[1, 2])
     model = _dense("clip", "qwen2")
-    model.apply_moe(_moe(), {"language_model": "none", "vision_tower": "all"})  # blocks up to the feature layer
+    upcycle(model, _moe(), language_model="none", vision_tower="all")  # blocks up to the feature layer
     blocks = model.vision_tower.blocks()
     assert [isinstance(b.mlp, MoELayer) for b in blocks] == [True, True, False]
     # CLIP's quick_gelu FFN upcycles exactly; the tower's MoE layers are trainable, the rest frozen
@@ -128,7 +132,7 @@ def test_open_clip_tower_moe_reloads(tmp_path):
     model = _dense("open_clip", "qwen2")
     ids, px = _batch(model)
     dense = _logits(model, ids, px)
-    model.apply_moe(_moe("competesmoe"), {"language_model": "every_other", "vision_tower": [1]})
+    upcycle(model, _moe("competesmoe"), language_model="every_other", vision_tower=[1])
     torch.testing.assert_close(_logits(model, ids, px), dense, rtol=1e-4, atol=1e-5)
     model.save_pretrained(tmp_path)
     reloaded = load_model(str(tmp_path))
@@ -150,7 +154,7 @@ def test_projector_upcycle_and_moe_projector(tmp_path):
     model = _dense(projector={"type": "mlp3x_gelu"})
     ids, px = _batch(model)
     dense = _logits(model, ids, px)
-    model.apply_moe(_moe(), {"language_model": "every_other"}, upcycle_projector_mlp=True)
+    upcycle(model, _moe(), language_model="every_other", projector=True)
     assert model.config.projector_config["type"] == "moe" and isinstance(model.projector, MoEProjector)
     torch.testing.assert_close(_logits(model, ids, px), dense, rtol=1e-4, atol=1e-5)
     model.save_pretrained(tmp_path)
@@ -166,8 +170,10 @@ def test_upcycling_keeps_the_projector_position_embedding(tmp_path):
         model.projector.position_embedding.normal_()
     ids, px = _batch(model)
     dense = _logits(model, ids, px)
-    model.apply_moe(_moe(), {"language_model": "every_other"}, upcycle_projector_mlp=True)
-    assert model.config.projector_config == {"type": "moe", "bias": True, "position_embedding": True}
+    upcycle(model, _moe(), language_model="every_other", projector=True)
+    assert {k: model.config.projector_config[k] for k in ("type", "bias", "position_embedding")} == {
+        "type": "moe", "bias": True, "position_embedding": True}
+    assert model.config.projector_config["moe_config"]["router"] == "smoe"
     assert isinstance(model.projector.base, MoEProjector)
     torch.testing.assert_close(_logits(model, ids, px), dense, rtol=1e-4, atol=1e-5)
     model.save_pretrained(tmp_path)
@@ -178,7 +184,7 @@ def test_upcycling_keeps_the_projector_position_embedding(tmp_path):
 
 def test_training_step_yields_aux_losses_and_expert_gradients():
     model = _dense()
-    model.apply_moe(_moe("smoe"))
+    upcycle(model, _moe("smoe"))
     model.train()
     ids, px = _batch(model)
     out = model(input_ids=ids, pixel_values=px, labels=ids)
@@ -193,4 +199,4 @@ def test_natively_moe_language_model_is_refused():
     lm = build_language_model(tiny_text_config("qwen3", model_type="qwen3_moe", num_experts=4,
                                                num_experts_per_tok=2, moe_intermediate_size=16))
     with pytest.raises(ValueError, match="language model layer 0: cannot upcycle"):
-        upcycle_blocks(decoder_layers(lm), [0], _moe(), where="language model")
+        upcycle_layers(decoder_layers(lm), [0], _moe(), where="language model")

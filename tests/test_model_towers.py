@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from llava_smoe.config import parse
 from llava_smoe.model import (
     MLPProjector,
     PositionedProjector,
@@ -13,8 +14,8 @@ from llava_smoe.model import (
     VisionTowerConfig,
     build_projector,
     build_vision_tower,
-    tiny_vision_config,
 )
+from llava_smoe.testing import tiny_vision_config
 
 
 def _pixels(n: int = 2) -> torch.Tensor:
@@ -74,7 +75,7 @@ def test_feature_layer_out_of_range(layer):
 def test_resolved_config_rebuilds_same_architecture(kind):
     tower = build_vision_tower(tiny_vision_config(kind))
     resolved = tower.resolved_config().to_dict()
-    rebuilt = build_vision_tower(VisionTowerConfig.from_dict(resolved), load_weights=False)
+    rebuilt = build_vision_tower(parse(VisionTowerConfig, resolved), load_weights=False)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in tower.state_dict().items()}
     rebuilt.load_state_dict(tower.state_dict())
     px = _pixels()
@@ -120,8 +121,8 @@ def test_open_clip_from_config_file_and_checkpoint(tmp_path):
 def test_vision_config_validation():
     with pytest.raises(ValueError, match="backend"):
         VisionTowerConfig(backend="timm")
-    with pytest.raises(ValueError, match="unknown keys"):
-        VisionTowerConfig.from_dict({"backend": "hf", "name_or_path": "x", "select_layer": -2})
+    with pytest.raises(ValueError, match="unknown key 'select_layer'"):
+        parse(VisionTowerConfig, {"backend": "hf", "name_or_path": "x", "select_layer": -2})
     with pytest.raises(ValueError, match="model_type"):
         VisionTowerConfig(hf_config={"hidden_size": 8})
     with pytest.raises(ValueError, match="open_clip has no model"):
@@ -174,5 +175,5 @@ def test_position_embedding_errors():
     proj = build_projector({"type": "linear", "position_embedding": True}, 24, 32, num_tokens=4)
     with pytest.raises(ValueError, match="has 4 positions but the vision tower gave 5 tokens"):
         proj(torch.randn(2, 5, 24))
-    with pytest.raises(ValueError, match="unknown keys \\['pos'\\]"):
-        ProjectorConfig.from_dict({"type": "linear", "pos": True})
+    with pytest.raises(ValueError, match="unknown key 'pos'"):
+        parse(ProjectorConfig, {"type": "linear", "pos": True})

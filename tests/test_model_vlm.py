@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llava_smoe.config import parse
 from llava_smoe.model import (
     LlavaSmoeConfig,
     LlavaSmoeForConditionalGeneration,
     VLMConfig,
     build_model,
-    load_model,
     resolve_attn_implementation,
-    tiny_model_config,
-    tiny_text_config,
 )
+from llava_smoe.testing import tiny_model_config, tiny_processor, tiny_text_config
+
+load_model = LlavaSmoeForConditionalGeneration.from_pretrained  # a model folder without a processor
 
 T = 16  # tiny towers: 32 px images, 8 px patches
 
@@ -107,21 +108,35 @@ def test_pickled_weights_are_refused(tmp_path):
 
 
 def test_checkpoint_describes_itself(tmp_path):
-    model = _model("open_clip", "qwen2", chat_template_name="chatml", image_pad_mode="pad")
-    model.save_pretrained(tmp_path)
+    """The model config is the architecture; template, image token and preprocessing are the processor's."""
+    import json
+
+    from llava_smoe import load_pretrained, save_pretrained
+
+    processor = tiny_processor("chatml", image_mode="pad")
+    model = _model("open_clip", "qwen2", vocab_size=len(processor.tokenizer), image_token_id=processor.image_token_id)
+    save_pretrained(model, processor, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {"vision_config", "projector_config", "text_config", "image_token_id"} <= set(saved)
+    assert not {"chat_template_name", "image_size", "image_mean", "num_image_tokens", "image_token"} & set(saved)
     cfg = LlavaSmoeConfig.from_pretrained(tmp_path)
-    assert cfg.num_image_tokens == T and cfg.image_size == 32 and cfg.image_token == "<image>"
-    assert cfg.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])
-    assert cfg.chat_template_name == "chatml" and cfg.image_pad_mode == "pad"
     assert cfg.vision_config["open_clip_model_config"]["vision_cfg"]["layers"] == 3
     assert cfg.text_config.model_type == "qwen2"
+    reloaded, proc = load_pretrained(tmp_path)
+    assert proc.num_image_tokens == reloaded.num_image_tokens == T and proc.image_token == "<image>"
+    assert proc.image_config.image_size == 32 and proc.image_config.mode == "pad"
+    assert proc.config.template == "chatml"
 
 
 # -- dense parity with transformers' LlavaForConditionalGeneration --
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_dense_parity_with_transformers_llava(family):
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     ours = _model("clip", family)
     cfg = tiny_model_config("clip", family)
@@ -166,10 +181,6 @@ def test_mixed_image_and_text_only_batch():
     both = model(input_ids=ids, pixel_values=px).logits
     torch.testing.assert_close(both[0], model(input_ids=ids[:1], pixel_values=px).logits[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(both[1], model(input_ids=ids[1:]).logits[0], atol=1e-5, rtol=1e-5)
-    # the collated form: one (dummy) image per row and a has_image mask
-    padded = torch.cat([px, torch.zeros_like(px)])
-    flagged = model(input_ids=ids, pixel_values=padded, has_image=torch.tensor([True, False])).logits
-    torch.testing.assert_close(flagged, both)
 
 
 def test_image_positions_never_carry_loss():
@@ -210,17 +221,17 @@ def test_greedy_generation_cached_equals_uncached(vision, family):
 
 
 def test_build_from_pretrained_parts_with_tokenizer(tmp_path, tokenizer):
-    """A recipe-style dict: a locally saved LM, a tokenizer with <image>, chat template in the config."""
+    """A recipe-style dict: a locally saved LM and a tokenizer with <image>."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     lm_cfg = tiny_text_config("qwen2", vocab_size=len(tokenizer) - 1)  # the LM predates <image>
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**lm_cfg))
     lm.save_pretrained(tmp_path / "lm")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    cfg = VLMConfig.from_dict({
+    cfg = parse(VLMConfig, {
         **tiny_model_config("clip", "qwen2"),
         "language_model": {"name_or_path": str(tmp_path / "lm")},
-        "image_token_id": image_id, "vocab_size": len(tokenizer), "chat_template_name": "plain",
+        "image_token_id": image_id, "vocab_size": len(tokenizer),
     })
     model = cfg.build().eval()
     assert model.config.text_config.vocab_size == len(tokenizer)
@@ -233,7 +244,7 @@ def test_build_from_pretrained_parts_with_tokenizer(tmp_path, tokenizer):
                          do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert isinstance(tokenizer.decode(out[0, ids.shape[1]:]), str)
     model.save_pretrained(tmp_path / "vlm")
-    assert load_model(str(tmp_path / "vlm")).config.chat_template_name == "plain"
+    assert load_model(str(tmp_path / "vlm")).config.text_config.vocab_size == len(tokenizer)
 
 
 # -- dtypes and attention --
@@ -249,7 +260,7 @@ def test_bf16_build_and_load(tmp_path):
     model = build_model(tiny_model_config("clip", "llama", dtype="bfloat16"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     model.save_pretrained(tmp_path)
-    reloaded = load_model(str(tmp_path), dtype="bfloat16")
+    reloaded = load_model(str(tmp_path), dtype=torch.bfloat16)
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
 
 
@@ -267,10 +278,12 @@ def test_attention_implementation_choice():
 def test_config_errors():
     with pytest.raises(ValueError, match="outside the language model's vocabulary"):
         build_model(tiny_model_config(image_token_id=500))
-    with pytest.raises(ValueError, match="unknown keys"):
-        VLMConfig.from_dict({**tiny_model_config(), "mm_projector_type": "linear"})
-    with pytest.raises(ValueError, match="language_model must be"):
-        VLMConfig.from_dict({**tiny_model_config(), "language_model": {"path": "x"}})
+    with pytest.raises(ValueError, match="unknown key 'mm_projector_type'"):
+        parse(VLMConfig, {**tiny_model_config(), "mm_projector_type": "linear"})
+    with pytest.raises(ValueError, match=r"unknown key 'language_model\.path'"):
+        parse(VLMConfig, {**tiny_model_config(), "language_model": {"path": "x"}})
+    with pytest.raises(ValueError, match="language_model.name_or_path: give exactly one"):
+        parse(VLMConfig, {**tiny_model_config(), "language_model": {}})
     with pytest.raises(ValueError, match="image_token_id is not set"):
         LlavaSmoeForConditionalGeneration(LlavaSmoeConfig(
             vision_config=tiny_model_config()["vision"], text_config=tiny_text_config()))

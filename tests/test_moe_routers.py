@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import moe_reference as ref
 import pytest
 import torch
 
-import moe_reference as ref
-from llava_smoe.moe import MoEConfig, MoELayer, collect_aux_losses, configure_moe_schedule
+from llava_smoe.config import parse
+from llava_smoe.moe import (
+    MoEConfig,
+    MoELayer,
+    collect_aux_losses,
+    configure_moe_schedule,
+)
 from llava_smoe.moe.routers.base import RouteCall
 
 D, F_SIZE, E, K = 12, 20, 4, 2
@@ -149,13 +155,13 @@ def test_shared_experts_add_dense_path():
     "kwargs, message",
     [
         (dict(num_experts=4, top_k=5), "top_k=5 exceeds num_experts=4"),
-        (dict(router="nope"), "unknown router 'nope'"),
-        (dict(router="smoe", router_options={"temprature": 1.0}), "unknown router option"),
-        (dict(router="mot", router_options={"group_size": 0}), "group_size must be a positive integer"),
-        (dict(router="competesmoe", router_options={"affinity": "max"}), "affinity must be one of"),
-        (dict(router="remoe", router_options={"alpha": 0.9}), "alpha must be > 1"),
-        (dict(dispatch="fast"), "dispatch must be one of"),
-        (dict(num_experts=0), "num_experts must be a positive integer"),
+        (dict(router="nope"), r"router: 'nope' is not one of \['competesmoe', "),
+        (dict(router="smoe", router_options={"temprature": 1.0}), "unknown key 'router_options.temprature'"),
+        (dict(router="mot", router_options={"group_size": 0}), "group_size: must be a positive integer"),
+        (dict(router="competesmoe", router_options={"affinity": "max"}), "affinity: 'max' is not one of"),
+        (dict(router="remoe", router_options={"alpha": 0.9}), "alpha: must be > 1"),
+        (dict(dispatch="fast"), "dispatch: 'fast' is not one of"),
+        (dict(num_experts=0), "num_experts: must be a positive integer"),
     ],
 )
 def test_bad_configuration_raises_at_construction(kwargs, message):
@@ -173,6 +179,6 @@ def test_mot_batch_not_divisible_by_group_raises_clearly():
 
 def test_config_round_trip():
     cfg = MoEConfig(num_experts=8, top_k=2, router="remoe", router_options={"alpha": 1.5}, num_shared_experts=1)
-    assert MoEConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown MoEConfig field"):
-        MoEConfig.from_dict({**cfg.to_dict(), "experts": 3})
+    assert parse(MoEConfig, cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown key 'experts'"):
+        parse(MoEConfig, {**cfg.to_dict(), "experts": 3})

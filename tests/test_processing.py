@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from llava_smoe.config import parse
 from llava_smoe.processing import (
     IGNORE_INDEX,
     ConversationError,
@@ -164,8 +165,8 @@ def test_processor_config_validation():
         ProcessorConfig(num_image_tokens=0)
     with pytest.raises(ValueError, match="no system prompt"):
         ProcessorConfig(template="plain", system_prompt="hi")
-    with pytest.raises(ValueError, match="unknown processor config keys"):
-        ProcessorConfig.from_dict({"template": "plain", "colour": 1})
+    with pytest.raises(ValueError, match="unknown key 'colour'"):
+        parse(ProcessorConfig, {"template": "plain", "colour": 1})
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "tokenizer"])

@@ -3,7 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_smoe.processing import CLIP_MEAN, ImageProcessingConfig, load_image, preprocess_image, to_rgb
+from llava_smoe.config import parse
+from llava_smoe.model.vision import CLIP_MEAN
+from llava_smoe.processing import (
+    ImageProcessingConfig,
+    load_image,
+    preprocess_image,
+    to_rgb,
+)
 
 # One 8-bit step after normalisation, the tolerance for "is this colour".
 TOL = 1.0 / 255 / min(0.26, 0.27) + 1e-4
@@ -98,6 +105,6 @@ def test_image_config_validation(kwargs, match):
 
 def test_image_config_round_trip():
     config = ImageProcessingConfig(image_size=48, mode="center_crop")
-    assert ImageProcessingConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown image processing options"):
-        ImageProcessingConfig.from_dict({"size": 3})
+    assert parse(ImageProcessingConfig, config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown key 'size'"):
+        parse(ImageProcessingConfig, {"size": 3})

@@ -29,7 +29,7 @@ def test_quickstart_chains_every_tiny_stage(tmp_path):
     pretrain = json.loads((out / "pretrain" / "final" / "config.json").read_text())
     assert pretrain["vision_config"]["freeze"] is True and pretrain["vision_config"]["feature_layer"] == -2
     final = json.loads((out / "finetune_moe" / "final" / "config.json").read_text())
-    assert final["moe_config"]["router"] == "smoe"
+    assert final["text_config"]["llava_smoe_moe"]["moe_config"]["router"] == "smoe"
     saved = json.loads((out / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert set(saved) >= {"accuracy", "blind_accuracy", "router", "seconds", "checkpoint", "accuracy_by_type"}

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from llava_smoe.serve.tiny import save_tiny_checkpoint
+from llava_smoe.testing import save_tiny_checkpoint
 
 openai = pytest.importorskip("openai")
 

@@ -5,7 +5,6 @@ import subprocess
 
 import pytest
 from PIL import Image
-
 from test_serve_api import cli, tiny_checkpoint
 
 

@@ -16,7 +16,7 @@ from llava_smoe.serve.engine import (
     TextStreamer,
     Turn,
 )
-from llava_smoe.serve.tiny import save_tiny_checkpoint
+from llava_smoe.testing import save_tiny_checkpoint
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
 

@@ -4,7 +4,6 @@ import os
 
 import pytest
 from PIL import Image
-
 from test_serve_api import free_port, start_process, stop_process, tiny_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"

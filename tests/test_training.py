@@ -11,16 +11,24 @@ import torch
 import yaml
 from safetensors.torch import load_model
 
+from llava_smoe.config import ConfigError
+from llava_smoe.testing.toy import ToyLM, ToyTaskConfig
 from llava_smoe.training import cli as train_cli
 from llava_smoe.training import trainer as trainer_mod
 from llava_smoe.training.backends import TorchBackend
-from llava_smoe.training.checkpoint import checkpoint_root, list_checkpoints, read_state, resolve_resume
-from llava_smoe.training.config import ConfigError
+from llava_smoe.training.checkpoint import (
+    checkpoint_root,
+    list_checkpoints,
+    read_state,
+    resolve_resume,
+)
 from llava_smoe.training.data import ResumableSampler, ShardedEvalSampler
-from llava_smoe.training.optim import WarmupCosineSchedule, build_optimizer, build_param_groups
+from llava_smoe.training.optim import (
+    WarmupCosineSchedule,
+    build_optimizer,
+    build_param_groups,
+)
 from llava_smoe.training.recipe import load_recipe
-from llava_smoe.training.tasks import get_task
-from llava_smoe.training.toy import ToyLM, ToyTaskConfig
 
 RECIPE = {
     "task": "toy",
@@ -80,7 +88,7 @@ def test_recipe_overrides_are_yaml_scalars_and_index_lists(tmp_path):
     assert run.train.max_steps == 11
     assert run.optim.groups[0].lr == pytest.approx(5e-4)  # PyYAML reads 5e-4 as a string: coerced
     assert run.train.precision == "bf16"
-    assert run.task_options["moe"] is None
+    assert run.task_config.moe is None
     assert run.optim.betas == (0.9, 0.95)
 
 
@@ -98,9 +106,10 @@ def test_recipe_unknown_key_names_key_and_valid_ones(tmp_path):
 
 
 def test_task_section_is_validated_by_the_task(tmp_path):
-    run = load_recipe(write_recipe(tmp_path), ["toy.hiden_size=8"])
-    with pytest.raises(ConfigError, match=r"toy\.hiden_size.*hidden_size"):
-        get_task(run.task).build(run)
+    with pytest.raises(ConfigError, match=r"toy\.hiden_size.*hidden_size"):  # when the recipe loads
+        load_recipe(write_recipe(tmp_path), ["toy.hiden_size=8"])
+    with pytest.raises(ConfigError, match=r"toy\.hidden_size: 30 must be divisible by num_heads=4"):
+        load_recipe(write_recipe(tmp_path), ["toy.hidden_size=30", "toy.num_heads=4"])
 
 
 def test_recipe_base_inheritance_merges_dicts(tmp_path):
@@ -110,7 +119,7 @@ def test_recipe_base_inheritance_merges_dicts(tmp_path):
     child.write_text(yaml.safe_dump({"base": "../base.yaml", "train": {"seed": 7}, "toy": {"num_layers": 3}}))
     run = load_recipe(child)
     assert run.train.seed == 7 and run.train.max_steps == 6  # merged, not replaced
-    assert run.task_options["num_layers"] == 3 and run.task_options["hidden_size"] == 32
+    assert run.task_config.num_layers == 3 and run.task_config.hidden_size == 32
     loop = tmp_path / "loop.yaml"
     loop.write_text(yaml.safe_dump({"base": "loop.yaml"}))
     with pytest.raises(ConfigError, match="loops"):
@@ -364,5 +373,61 @@ def test_cli_prints_resolved_config(tmp_path, capsys):
     assert main(["train", str(write_recipe(tmp_path)), "train.seed=5", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["seed"] == 5 and printed["task"] == "toy" and printed["toy"]["hidden_size"] == 32
+    # every nested section typed, with its defaults: the task's MoE config and its router's options
+    assert printed["toy"]["moe"]["router_options"] == {"balance_coef": 0.01, "z_loss_coef": 0.001}
+    assert printed["train"]["grad_accum"] == 2 and printed["optim"]["schedule"] == "cosine"
     assert main(["train", str(write_recipe(tmp_path)), "train.sed=5", "--print-config"]) == 2
     assert "train.sed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.max_steps=0"], "error: train.max_steps: must be >= 1, got 0"),
+    (["toy.moe.router=smo"], "error: toy.moe.router: 'smo' is not one of ['competesmoe', "),
+    (["optim.groups.0.lr=fast"], "error: optim.groups.0.lr: expected a number, got 'fast'"),
+])
+def test_cli_reports_a_bad_recipe_in_one_line(tmp_path, capsys, args, message):
+    from llava_smoe.cli import main
+
+    assert main(["train", str(write_recipe(tmp_path)), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: recipe not found:")
+
+
+def _first_step_gradients(tmp_path: Path, monkeypatch, micro_batch_size: int, grad_accum: int) -> dict:
+    """Every parameter's gradient of optimizer step 1 on sequences of 4-12 tokens (no dropout,
+    no aux losses), and the supervised-token counts of its micro-batches."""
+    data = json.loads(json.dumps(RECIPE))
+    data["toy"].update(dropout=0.0, min_seq_len=4, num_eval=0,
+                       moe={"num_experts": 4, "top_k": 2, "router": "smoe",
+                            "router_options": {"balance_coef": 0.0, "z_loss_coef": 0.0}})
+    data["train"].update(max_steps=1, micro_batch_size=micro_batch_size, grad_accum=grad_accum, grad_clip=0.0)
+    grads, counts = {}, []
+    real_step, real_count = TorchBackend.step, trainer_mod.Trainer._loss_items
+
+    def record(backend):
+        grads.update({n: p.grad.clone() for n, p in backend.module.named_parameters() if p.grad is not None})
+        return real_step(backend)
+
+    def count(trainer, micro):
+        counts.extend(trainer.parts.count_loss_items(b) for b in micro)
+        return real_count(trainer, micro)
+
+    with monkeypatch.context() as patch:  # undone before the next call wraps the real methods again
+        patch.setattr(TorchBackend, "step", record)
+        patch.setattr(trainer_mod.Trainer, "_loss_items", count)
+        trainer_mod.train(load_recipe(write_recipe(tmp_path, data)))
+    return {"grads": grads, "counts": counts}
+
+
+def test_loss_is_the_mean_over_the_steps_tokens_whatever_the_micro_batching(tmp_path, monkeypatch):
+    """Micro-batch 1 x accumulation 4 computes the gradient of micro-batch 4 x accumulation 1
+    on sequences of different lengths: every token of the step weighs the same."""
+    whole = _first_step_gradients(tmp_path / "whole", monkeypatch, 4, 1)
+    split = _first_step_gradients(tmp_path / "split", monkeypatch, 1, 4)
+    assert sum(split["counts"]) == whole["counts"][0]
+    assert len(set(split["counts"])) > 1  # unequal micro-batches: a mean of means would weigh them wrongly
+    assert whole["grads"].keys() == split["grads"].keys() and whole["grads"]
+    for name, grad in whole["grads"].items():
+        torch.testing.assert_close(split["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)

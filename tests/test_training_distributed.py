@@ -1,8 +1,10 @@
 """Two CPU processes (torchrun, gloo) train like one: DDP, DeepSpeed ZeRO-2 and ZeRO-3.
 
-Dropout and MoE aux losses are off: both depend on how the batch is split across ranks
-(a load-balancing loss over half a batch is not half the loss over the whole), everything
-else must agree to float rounding.
+Sequences have 4 to 12 tokens, so micro-batches and ranks hold different numbers of supervised
+tokens: the loss is the mean over the step's tokens, and how the step is split (processes,
+micro-batches, accumulation) must not change it. Dropout and MoE aux losses are off: both depend
+on how the batch is split (a load-balancing loss over half a batch is not half the loss over the
+whole); everything else must agree to float rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ RECIPE = {
         "num_eval": 8,
         "hidden_size": 32,
         "seq_len": 12,
+        "min_seq_len": 4,
         "dropout": 0.0,
         "moe": {"num_experts": 4, "top_k": 2, "router": "smoe",
                 "router_options": {"balance_coef": 0.0, "z_loss_coef": 0.0}},
@@ -52,34 +55,42 @@ def train(tmp_path: Path, name: str, nproc: int, *overrides: str, timeout: int =
     return out
 
 
-def losses(out: Path) -> list[float]:
+def losses(out: Path, key: str = "loss") -> list[float]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+    return [r[key] for r in records if key in r]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[float]:
+def reference(tmp_path_factory) -> dict[str, list[float]]:
     """One process seeing the whole global batch (micro-batch 4 instead of 2 x 2 ranks)."""
     out = train(tmp_path_factory.mktemp("one"), "one", 1, "train.micro_batch_size=4")
-    result = losses(out)
-    assert len(result) == 4 and result[-1] < result[0]
+    result = {"loss": losses(out), "grad_norm": losses(out, "grad_norm")}
+    assert len(result["loss"]) == 4 and result["loss"][-1] < result["loss"][0]
     return result
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        ["train.backend=torch"],
-        ["train.backend=deepspeed", "train.deepspeed_config=train/deepspeed/zero2.json"],
-        ["train.backend=deepspeed", "train.deepspeed_config=train/deepspeed/zero3.json"],
-    ],
-    ids=["ddp", "zero2", "zero3"],
-)
+BACKENDS = {
+    "ddp": ["train.backend=torch"],
+    "zero2": ["train.backend=deepspeed", "train.deepspeed_config=train/deepspeed/zero2.json"],
+    "zero3": ["train.backend=deepspeed", "train.deepspeed_config=train/deepspeed/zero3.json"],
+}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_two_processes_match_one(tmp_path, reference, backend):
-    out = train(tmp_path, "two", 2, *backend)
-    assert losses(out) == pytest.approx(reference, abs=1e-5)
+    out = train(tmp_path, "two", 2, *BACKENDS[backend])
+    assert losses(out) == pytest.approx(reference["loss"], abs=1e-5)
+    assert losses(out, "grad_norm") == pytest.approx(reference["grad_norm"], rel=1e-4)
     assert (out / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
     assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_accumulating_single_sequences_matches_one_micro_batch(tmp_path, reference, backend):
+    """Micro-batch 1 x accumulation 8 on one process: the same steps as micro-batch 4 x 2."""
+    out = train(tmp_path, "accumulated", 1, *BACKENDS[backend], "train.micro_batch_size=1", "train.grad_accum=8")
+    assert losses(out) == pytest.approx(reference["loss"], abs=1e-5)
+    assert losses(out, "grad_norm") == pytest.approx(reference["grad_norm"], rel=1e-4)
 
 
 def test_zero3_resume_matches_uninterrupted(tmp_path, reference):
@@ -90,12 +101,13 @@ def test_zero3_resume_matches_uninterrupted(tmp_path, reference):
     shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if the run died after step 2's save
     train(tmp_path, "run", 2, *ds, "train.resume=auto")
     assert losses(out) == pytest.approx(first, abs=1e-6)
+    assert first == pytest.approx(reference["loss"], abs=1e-5)
 
 
 POISONED_RUN = """
 import sys
 from llava_smoe.training.recipe import load_recipe
-from llava_smoe.training.toy import ToyLM
+from llava_smoe.testing.toy import ToyLM
 from llava_smoe.training.trainer import train
 
 real_forward = ToyLM.forward

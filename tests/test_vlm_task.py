@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from llava_smoe.config import ConfigError
 from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
 from llava_smoe.training import load_recipe
-from llava_smoe.training.config import ConfigError
 from llava_smoe.training.trainer import train
 
 
@@ -79,14 +79,13 @@ def test_fresh_stage_then_moe_upcycling_stage(world, tmp_path):
     assert any("eval/loss" in r for r in rows)
     assert any(r.get("aux/distill", 0) > 0 for r in rows)  # competition happened on some steps
 
-    from llava_smoe.model import load_model
+    from llava_smoe import load_pretrained
+    from llava_smoe.model import lm_moe
     from llava_smoe.moe import moe_layers
-    from llava_smoe.processing import LlavaSmoeProcessor
 
-    model = load_model(str(stage2 / "final"))
-    processor = LlavaSmoeProcessor.from_pretrained(stage2 / "final")
+    model, processor = load_pretrained(stage2 / "final")
     assert len(moe_layers(model)) == 2
-    assert model.config.moe().router == "competesmoe"
+    assert lm_moe(model.config.text_config).moe_config.router == "competesmoe"
     assert processor.config.template == "chatml"
     assert int(moe_layers(model)[0][1].router.step) == 4  # the schedule position travels with the weights
 
@@ -94,7 +93,7 @@ def test_fresh_stage_then_moe_upcycling_stage(world, tmp_path):
 def test_modality_length_grouping_pads_less_and_resumes_exactly(world, tmp_path, monkeypatch, crash_at_step):
     """train.group_by_modality_length: one modality per micro-batch, less padding than random
     batches, and an interrupted run resumes into the same batches and losses."""
-    import llava_smoe.training.vlm_task as vlm_task
+    from llava_smoe.data import DataCollator
 
     torch.set_num_threads(1)
     stage1 = tmp_path / "stage1"
@@ -106,14 +105,14 @@ def test_modality_length_grouping_pads_less_and_resumes_exactly(world, tmp_path,
     task = {"data": [str(world / "instruct_train.json"), str(world / "pretrain.json")],
             "image_folder": str(world / "images"), "init_from": str(stage1 / "final"), "max_length": 96}
     batches: list[tuple[set[bool], int, int]] = []  # (modalities, rows, padded length) per micro-batch
-    real_call = vlm_task.VLMCollator.__call__
+    real_call = DataCollator.__call__
 
     def recording(self, samples):
         batch = real_call(self, samples)
-        batches.append(({s["has_image"] for s in samples}, *batch["input_ids"].shape))
+        batches.append(({s["image"] is not None for s in samples}, *batch["input_ids"].shape))
         return batch
 
-    monkeypatch.setattr(vlm_task.VLMCollator, "__call__", recording)
+    monkeypatch.setattr(DataCollator, "__call__", recording)
 
     def run(name, *overrides):
         batches.clear()
@@ -160,12 +159,13 @@ def test_mixture_of_tokens_stage_then_transition_to_token_choice(world, tmp_path
         **common, "init_from": str(mot / "final"), "mot_to_token_choice": "smoe"}, tuned, steps=2)))
     assert result.status == "completed"
 
-    from llava_smoe.model import load_model
+    from llava_smoe import load_pretrained
+    from llava_smoe.model import lm_moe
     from llava_smoe.moe import moe_layers
 
-    model = load_model(str(tuned / "final")).eval()
+    model, _ = load_pretrained(tuned / "final")
     assert {type(layer.router).__name__ for _, layer in moe_layers(model)} == {"SMoERouter"}
-    assert model.config.moe().router == "smoe"
+    assert lm_moe(model.config.text_config).moe_config.router == "smoe"
     with torch.no_grad():  # a single sequence: impossible for groups of 4, fine for token choice
         out = model(input_ids=torch.tensor([[1, 5, 7, 9]]))
     assert torch.isfinite(out.logits).all()
@@ -173,3 +173,81 @@ def test_mixture_of_tokens_stage_then_transition_to_token_choice(world, tmp_path
     with pytest.raises(ConfigError, match="has no Mixture-of-Tokens layer"):
         train(load_recipe(write_recipe(tmp_path / "s4.yaml", {
             **common, "init_from": str(stage1 / "final"), "mot_to_token_choice": "smoe"}, tmp_path / "x", 1)))
+
+
+def test_cli_reports_a_bad_record_in_one_line(world, tmp_path, capsys):
+    """A missing image under the default policy ('error'): one line naming file, record and id."""
+    from llava_smoe.cli import main
+
+    records = json.loads((world / "instruct_train.json").read_text())[:4]
+    records[2]["image"] = "no/such/image.png"
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(records))
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "data": str(data), "image_folder": str(world / "images"), "tokenizer": str(world / "tokenizer"),
+        "template": "chatml", "model": tiny_model(world)}, tmp_path / "out", steps=1)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: {data}: record #2 (id={records[2]['id']!r}): image file ")
+    assert err[0].endswith("does not exist [missing_image]")
+
+
+def test_print_config_shows_every_nested_section_typed(world, tmp_path, capsys):
+    import yaml
+
+    from llava_smoe.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "data": str(world / "instruct_train.json"), "tokenizer": str(world / "tokenizer"), "model": tiny_model(world),
+        "moe": {"router": "competesmoe"}}, tmp_path / "out", steps=1)
+    assert main(["train", str(recipe), "vlm.model.vision.feature_layer=-2", "--print-config"]) == 0
+    vlm = yaml.safe_load(capsys.readouterr().out)["vlm"]
+    assert vlm["model"]["vision"]["feature_layer"] == -2 and vlm["model"]["vision"]["feature_select"] == "patch"
+    assert vlm["model"]["projector"] == {"type": "mlp2x_gelu", "bias": True, "position_embedding": False,
+                                         "moe_config": None}
+    assert vlm["moe_placement"] == {"language_model": "every_other", "vision_tower": "none"}
+    assert vlm["moe"]["router_options"]["competition_prob"] == 0.05 and vlm["image_mode"] == "pad"
+    assert main(["train", str(recipe), "vlm.model.vision.feature_select=cls"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: vlm.model.vision.feature_select: 'cls' is not one of ['patch', 'cls_patch']")
+    assert main(["train", str(recipe), "vlm.model.vision.feature_layer=9"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "error: vlm.model.vision.feature_layer: 9 is out of range for a tower with 1 blocks (valid: -2..1")
+
+
+def test_an_moe_lm_of_the_lm_task_is_a_recipes_language_model(world, tmp_path):
+    """`language_model: {name_or_path: <lm run>/final}`: the VLM takes the LM and its MoE layers as they are."""
+    from llava_smoe import load_pretrained
+    from llava_smoe.model import lm_moe
+    from llava_smoe.moe import moe_layers
+
+    torch.set_num_threads(1)
+    lm_run = tmp_path / "lm"
+    lm_recipe = tmp_path / "lm.yaml"
+    import yaml
+
+    lm_recipe.write_text(yaml.safe_dump({
+        "task": "lm",
+        "lm": {"data": [str(world / "text.txt")], "text_split": "line", "seq_len": 32, "bpe_vocab_size": 400,
+               "cache_dir": str(tmp_path / "cache"),
+               "model": {"architecture": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
+                                          "num_hidden_layers": 2, "num_attention_heads": 2,
+                                          "num_key_value_heads": 1, "max_position_embeddings": 128},
+                         "moe": {"num_experts": 4, "top_k": 2, "router": "smoe"}, "moe_layers": [1]}},
+        "train": {"output_dir": str(lm_run), "max_steps": 2, "micro_batch_size": 4, "precision": "fp32",
+                  "tensorboard": False, "progress_bar": False},
+        "optim": {"groups": [{"name": "all", "patterns": ["*"], "lr": 1e-3}]},
+    }))
+    assert train(load_recipe(lm_recipe)).status == "completed"
+
+    model = tiny_model(world)
+    model["language_model"] = {"name_or_path": str(lm_run / "final")}
+    vlm = tmp_path / "vlm"
+    recipe = write_recipe(tmp_path / "vlm.yaml", {
+        "data": str(world / "instruct_train.json"), "image_folder": str(world / "images"),
+        "tokenizer": str(lm_run / "final"), "template": "chatml", "max_length": 128, "model": model}, vlm, steps=2)
+    assert train(load_recipe(recipe)).status == "completed"
+    loaded, _ = load_pretrained(vlm / "final")
+    assert [n for n, _ in moe_layers(loaded)] == ["language_model.model.layers.1.mlp"]
+    assert lm_moe(loaded.config.text_config).layers == [1]

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from llava_smoe.pretrained import DTYPES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -19,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--tokens", type=int, default=4096)
     moe.add_argument("--batch", type=int, default=8, help="tokens are laid out [batch, tokens/batch] (MoT groups across the batch)")
     moe.add_argument("--routers", default=None, help="comma-separated routers (default: every registered router)")
-    moe.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    moe.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"])
     moe.add_argument("--device", default="cpu")
     moe.add_argument("--repeats", type=int, default=10, help="timed rounds (each round runs every variant once)")
     moe.add_argument("--warmup", type=int, default=2, help="untimed rounds first")

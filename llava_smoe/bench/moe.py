@@ -24,15 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe import MoEConfig, MoELayer, available_routers, configure_moe_schedule, get_router_class
+from llava_smoe.config import Config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..moe import (
+    MoEConfig,
+    MoELayer,
+    available_routers,
+    configure_moe_schedule,
+    get_router_class,
+)
+from ..pretrained import DTYPES as CHECKPOINT_DTYPES
+
+DTYPES = tuple(d for d in CHECKPOINT_DTYPES if d != "auto")
 HF_EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 DENSE, HF, COMPETITION, LOOP = "dense", "hf", "competesmoe-competition", "smoe-loop"
 
 
 @dataclass
-class MoEBenchConfig:
+class MoEBenchConfig(Config):
     num_experts: int = 8
     top_k: int = 2
     hidden_size: int = 512
@@ -49,7 +58,7 @@ class MoEBenchConfig:
     hf_experts: str = "eager"
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("num_experts", "top_k", "hidden_size", "ffn_size", "tokens", "batch", "repeats"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -75,7 +84,7 @@ class MoEBenchConfig:
                     f"{group_size} (MoT mixes tokens across the batch); change --batch or leave mot out of --routers"
                 )
         if self.dtype not in DTYPES:
-            raise ValueError(f"MoEBenchConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"MoEBenchConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.hf_experts not in HF_EXPERTS_IMPLEMENTATIONS:
             raise ValueError(
                 f"MoEBenchConfig.hf_experts must be one of {HF_EXPERTS_IMPLEMENTATIONS}, got {self.hf_experts!r}"
@@ -232,7 +241,7 @@ def run_moe_bench(cfg: MoEBenchConfig) -> list[dict]:
     import transformers
 
     device = torch.device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
+    dtype = getattr(torch, cfg.dtype)
     variants, smoe = build_variants(cfg)
     for v in variants:
         v.module.train()

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from llava_smoe.config import Config
+
 from .moe import _ratio, time_interleaved
 
 
@@ -31,7 +33,7 @@ def _rows(times: dict[str, list[float]], baseline: str, unit_count: int, unit: s
 
 
 @dataclass
-class DataBenchConfig:
+class DataBenchConfig(Config):
     data: str            # LLaVA JSON
     image_folder: str
     processor: str       # a checkpoint or processor folder
@@ -41,7 +43,7 @@ class DataBenchConfig:
     repeats: int = 3
     warmup: int = 0
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("epochs", "batch", "repeats", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataBenchConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -79,7 +81,7 @@ def run_data_bench(config: DataBenchConfig) -> list[dict]:
 
 
 @dataclass
-class AdamWBenchConfig:
+class AdamWBenchConfig(Config):
     hidden_size: int = 128
     ffn_size: int = 256
     layers: int = 4
@@ -88,7 +90,7 @@ class AdamWBenchConfig:
     repeats: int = 5
     warmup: int = 1
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("hidden_size", "ffn_size", "layers", "vocab_size", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AdamWBenchConfig.{name} must be >= 1, got {getattr(self, name)}")

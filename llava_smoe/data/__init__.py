@@ -1,34 +1,26 @@
-"""LLaVA conversation data: records, the dataset, batching, sampling and the shapes world."""
+"""LLaVA conversation data: records, the dataset, batching, sampling, packed text and the shapes world.
 
-from llava_smoe.data.collate import DataCollator
-from llava_smoe.data.dataset import DataConfig, LlavaDataset, SkippedSample
-from llava_smoe.data.records import (
-    BAD_SAMPLE_POLICIES,
-    REASONS,
-    BadSampleError,
-    JsonlRecords,
-    RecordInfo,
-    SkipStats,
-    check_record,
-    load_records,
-)
-from llava_smoe.data.sampler import ModalityLengthGroupedSampler
-from llava_smoe.data.synth import ShapesWorldConfig, generate_shapes_world
+Names load on first use (`llava-smoe data --help` needs no torch).
+"""
 
-__all__ = [
-    "BAD_SAMPLE_POLICIES",
-    "REASONS",
-    "BadSampleError",
-    "DataCollator",
-    "DataConfig",
-    "JsonlRecords",
-    "LlavaDataset",
-    "ModalityLengthGroupedSampler",
-    "RecordInfo",
-    "ShapesWorldConfig",
-    "SkipStats",
-    "SkippedSample",
-    "check_record",
-    "generate_shapes_world",
-    "load_records",
-]
+from __future__ import annotations
+
+from llava_smoe._lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "DataCollator": "collate",
+    "DataConfig": "dataset",
+    "LlavaDataset": "dataset",
+    "SkippedSample": "dataset",
+    "BAD_SAMPLE_POLICIES": "records",
+    "REASONS": "records",
+    "BadSampleError": "records",
+    "JsonlRecords": "records",
+    "RecordInfo": "records",
+    "SkipStats": "records",
+    "check_record": "records",
+    "load_records": "records",
+    "ModalityLengthGroupedSampler": "sampler",
+    "ShapesWorldConfig": "synth",
+    "generate_shapes_world": "synth",
+})

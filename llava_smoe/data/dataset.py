@@ -1,8 +1,10 @@
 """A map-style dataset over LLaVA records, with an explicit bad-sample policy.
 
+Each record is validated once, at construction: a cheap pass checks its structure and that its
+image file exists (no image decoding, no tokenisation); building a sample later trusts it.
+
 How skipping works (policy "skip"):
-1. At construction a cheap pass checks every record's structure and that its image file exists
-   (no image decoding, no tokenisation). Bad records are left out of the index and counted in
+1. Bad records found by that pass are left out of the index and counted in
    `dataset.skip_stats`; the sampler never sees them.
 2. Problems that need the real work (an image that does not decode, a sample longer than
    `max_length`) are found in `__getitem__`, possibly inside a DataLoader worker. There the
@@ -22,22 +24,25 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from llava_smoe.config import Config, invalid
 from llava_smoe.data.records import (
-    BAD_SAMPLE_POLICIES,
     BadSampleError,
+    BadSamplePolicy,
+    RecordInfo,
     SkipStats,
     check_record,
     load_records,
 )
 from llava_smoe.processing.images import load_image
 from llava_smoe.processing.processor import LlavaSmoeProcessor
+from llava_smoe.processing.templates import Message, normalize_messages
 
 logger = logging.getLogger(__name__)
 LOGGED_PER_REASON = 10
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     """One dataset: a LLaVA JSON/JSONL file, the folder its image paths are relative to, the
     longest sample allowed (in tokens, image tokens included) and what to do with bad samples.
 
@@ -49,14 +54,12 @@ class DataConfig:
     data_path: str
     image_folder: str | None = None
     max_length: int = 2048
-    on_bad_sample: str = "error"
+    on_bad_sample: BadSamplePolicy = "error"
     cache: bool = False
 
-    def __post_init__(self) -> None:
-        if self.on_bad_sample not in BAD_SAMPLE_POLICIES:
-            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {self.on_bad_sample!r}")
-        if not isinstance(self.max_length, int) or self.max_length <= 0:
-            raise ValueError(f"max_length must be a positive int, got {self.max_length!r}")
+    def validate(self) -> None:
+        if self.max_length <= 0:
+            raise invalid("max_length", f"must be a positive int, got {self.max_length!r}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class SkippedSample:
 
 
 class LlavaDataset(Dataset):
-    """Samples {"input_ids", "labels", "image" (Tensor[3,S,S] or None), "has_image", "index"}.
+    """Samples {"input_ids", "labels", "image" (Tensor[3,S,S] or None)}.
 
     Records are kept as read (a JSONL file only as line offsets); tokenisation and image
     decoding happen per item. `lengths` / `has_image` (one entry per valid sample) feed
@@ -82,6 +85,7 @@ class LlavaDataset(Dataset):
         self.skip_stats = SkipStats()
         self._logged: Counter[str] = Counter()
         self._index: list[int] = []  # dataset position -> record index
+        self._image_paths: list[str | None] = []  # dataset position -> checked image file
         self._samples: dict[int, dict[str, Any]] = {}  # record index -> built sample (config.cache)
         self._images: dict[str, Any] = {}  # image path -> preprocessed image (config.cache)
         self.lengths: list[int] = []
@@ -93,6 +97,7 @@ class LlavaDataset(Dataset):
                 self.skip_stats.add(self._handle(e).reason)
                 continue
             self._index.append(i)
+            self._image_paths.append(info.image_path)
             self.has_image.append(info.has_image)
             words = sum(len(m.content.split()) for m in info.messages)
             self.lengths.append(words + (processor.num_image_tokens if info.has_image else 0))
@@ -102,7 +107,8 @@ class LlavaDataset(Dataset):
                 config.data_path, self.skip_stats.total, len(self.records), self.skip_stats.as_dict(),
             )
 
-    def _check(self, record_index: int):
+    def _check(self, record_index: int) -> RecordInfo:
+        """The one validation of a record (at construction); subclasses add their own demands."""
         return check_record(
             self.records[record_index],
             record_index,
@@ -110,6 +116,10 @@ class LlavaDataset(Dataset):
             image_folder=self.config.image_folder,
             image_token=self.processor.image_token,
         )
+
+    def _messages(self, record_index: int) -> list[Message]:
+        """A checked record's turns (only converted, not checked again)."""
+        return normalize_messages(self.records[record_index]["conversations"])
 
     def _handle(self, error: BadSampleError) -> SkippedSample:
         if self.config.on_bad_sample == "error":
@@ -128,49 +138,46 @@ class LlavaDataset(Dataset):
         if record_index in self._samples:
             return self._samples[record_index]
         try:
-            sample = self._build(record_index)
+            sample = self._build(i)
         except BadSampleError as e:
             return self._handle(e)  # never cached: a bad sample is counted at every use
         if self.config.cache:
             self._samples[record_index] = sample
         return sample
 
-    def _build(self, record_index: int) -> dict[str, Any]:
-        info = self._check(record_index)
-        source = self.config.data_path
-        encoded = self.processor.encode_conversation(info.messages, has_image=info.has_image)
+    def record_index(self, i: int) -> int:
+        """The record (its position in the file) that sample `i` comes from."""
+        return self._index[i]
+
+    def _bad(self, i: int, reason: str, detail: str) -> BadSampleError:
+        record_index = self._index[i]
+        record = self.records[record_index]
+        return BadSampleError(reason, detail, source=self.config.data_path, index=record_index,
+                              record_id=record.get("id") if isinstance(record, dict) else None)
+
+    def _build(self, i: int) -> dict[str, Any]:
+        record_index = self._index[i]
+        image_path = self._image_paths[i]
+        encoded = self.processor.encode_messages(self._messages(record_index), int(image_path is not None))
         length = encoded["input_ids"].numel()
         if length > self.config.max_length:
-            raise BadSampleError(
-                "too_long",
-                f"sample is {length} tokens, longer than max_length={self.config.max_length}",
-                source=source, index=record_index, record_id=info.record_id,
-            )
-        image = self._image(info, record_index)
-        return {
-            "input_ids": encoded["input_ids"],
-            "labels": encoded["labels"],
-            "image": image,
-            "has_image": image is not None,
-            "index": record_index,
-        }
+            raise self._bad(i, "too_long", f"sample is {length} tokens, longer than max_length={self.config.max_length}")
+        return {"input_ids": encoded["input_ids"], "labels": encoded["labels"], "image": self._image(i)}
 
-    def _image(self, info, record_index: int):
-        """The record's preprocessed image [3, S, S], or None for a text-only record."""
-        if info.image_path is None:
+    def _image(self, i: int):
+        """Sample i's preprocessed image [3, S, S], or None for a text-only record."""
+        path = self._image_paths[i]
+        if path is None:
             return None
-        if info.image_path in self._images:
-            return self._images[info.image_path]
+        if path in self._images:
+            return self._images[path]
         try:
-            pil = load_image(info.image_path)
+            pil = load_image(path)
         except Exception as e:  # PIL raises several unrelated types for bad files
-            raise BadSampleError(
-                "unreadable_image", f"cannot decode image {info.image_path}: {e}",
-                source=self.config.data_path, index=record_index, record_id=info.record_id,
-            ) from e
+            raise self._bad(i, "unreadable_image", f"cannot decode image {path}: {e}") from e
         image = self.processor.preprocess_images([pil])[0]
         if self.config.cache:
-            self._images[info.image_path] = image
+            self._images[path] = image
         return image
 
     def validate(self) -> SkipStats:

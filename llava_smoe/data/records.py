@@ -8,13 +8,19 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence, get_args
 
-from llava_smoe.processing.templates import ConversationError, Message, check_turn_order, normalize_messages
+from llava_smoe.processing.templates import (
+    ConversationError,
+    Message,
+    check_turn_order,
+    normalize_messages,
+)
 
 logger = logging.getLogger(__name__)
 
-BAD_SAMPLE_POLICIES = ("error", "skip")
+BadSamplePolicy = Literal["error", "skip"]
+BAD_SAMPLE_POLICIES = get_args(BadSamplePolicy)
 # Why a sample can be rejected (the keys of skip counts).
 REASONS = ("malformed", "missing_image", "unreadable_image", "no_assistant_turn", "too_long")
 

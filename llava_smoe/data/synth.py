@@ -21,7 +21,10 @@ import os
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+
 from PIL import Image, ImageDraw
+
+from llava_smoe.config import Config
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -57,7 +60,7 @@ SIDE_OPTIONS = ("fixed", "random")
 
 
 @dataclass
-class ShapesWorldConfig:
+class ShapesWorldConfig(Config):
     seed: int = 0
     num_train: int = 2000
     num_val: int = 200
@@ -86,7 +89,7 @@ class ShapesWorldConfig:
     # Order of the two answers a side question offers: "fixed" (left / top first) or "random".
     side_options: str = "fixed"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("num_train", "num_val", "num_test", "num_heldout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -1,29 +1,30 @@
-"""Evaluation: lmms-eval integration, local offline tasks, exact-match accuracy, routing analysis.
+"""Evaluation: lmms-eval integration, local offline tasks, exact-match accuracy, routing
+analysis, run comparison.
 
-Importing this package does not import lmms-eval (20-30 s); only `lmms_model`, `lmms_plugin`
-and `harness.run_eval` do.
+Names load on first use: importing this package imports neither torch nor lmms-eval (20-30 s);
+only `lmms_model`, `lmms_plugin` and `harness.run_eval` import lmms-eval.
 """
 
-from llava_smoe.evaluation.exact_match import ExactMatchResult, evaluate_exact_match
-from llava_smoe.evaluation.generation import GenerationOptions, InferenceRunner, Prompt
-from llava_smoe.evaluation.questions import QAItem, export_parquet, flatten_records, load_questions
-from llava_smoe.evaluation.routing import RoutingReport, analyze_routing, plot_routing, write_report
-from llava_smoe.evaluation.vqa import normalize_answer, vqa_accuracy
+from __future__ import annotations
 
-__all__ = [
-    "ExactMatchResult",
-    "GenerationOptions",
-    "InferenceRunner",
-    "Prompt",
-    "QAItem",
-    "RoutingReport",
-    "analyze_routing",
-    "evaluate_exact_match",
-    "export_parquet",
-    "flatten_records",
-    "load_questions",
-    "normalize_answer",
-    "plot_routing",
-    "vqa_accuracy",
-    "write_report",
-]
+from llava_smoe._lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "ExactMatchResult": "exact_match",
+    "evaluate_exact_match": "exact_match",
+    "GenerationOptions": "generation",
+    "InferenceRunner": "generation",
+    "Prompt": "generation",
+    "QAItem": "questions",
+    "export_parquet": "questions",
+    "flatten_records": "questions",
+    "load_questions": "questions",
+    "RoutingReport": "routing",
+    "analyze_routing": "routing",
+    "plot_routing": "routing",
+    "write_report": "routing",
+    "normalize_answer": "vqa",
+    "vqa_accuracy": "vqa",
+    "compare_runs": "compare",
+    "load_run": "compare",
+})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from llava_smoe.pretrained import DTYPES
+
 
 def _limit(value: str) -> int | float:
     number = float(value)
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_limit, help="documents per task (a fraction below 1 means a share)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="for tasks that set no limit themselves")
     parser.add_argument("--gen-kwargs",
                         help="override every task's generation settings, e.g. 'temperature=0,max_new_tokens=16'")
@@ -59,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
 
     import sys
 
-    from llava_smoe.evaluation.harness import EvalConfig, EvalError, markdown_table, run_eval
+    from llava_smoe.evaluation.harness import (
+        EvalConfig,
+        EvalError,
+        markdown_table,
+        run_eval,
+    )
 
     try:
         config = EvalConfig(

@@ -16,6 +16,7 @@ from PIL import Image
 from llava_smoe.evaluation.generation import GenerationOptions, InferenceRunner, Prompt
 from llava_smoe.evaluation.questions import QAItem, flatten_records
 from llava_smoe.evaluation.vqa import vqa_accuracy
+from llava_smoe.processing.images import load_image
 
 
 @dataclass
@@ -32,12 +33,6 @@ class ExactMatchResult:
         if not with_predictions:
             d.pop("predictions")
         return d
-
-
-def _load_image(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im
 
 
 def evaluate_exact_match(
@@ -71,7 +66,7 @@ def evaluate_exact_match(
         if blank is not None:
             return [blank]
         if item.image_path not in images:
-            images[item.image_path] = _load_image(item.image_path)
+            images[item.image_path] = load_image(item.image_path)
         return [images[item.image_path]]
 
     prompts = [Prompt(item.question + prompt_suffix, image_for(item)) for item in items]

@@ -19,25 +19,6 @@ from PIL import Image
 
 from llava_smoe.processing.processor import IGNORE_INDEX
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return getattr(torch, dtype)
-
 
 @dataclass
 class GenerationOptions:

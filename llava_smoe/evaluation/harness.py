@@ -22,7 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_smoe.evaluation.questions import check_parquet_columns, export_parquet, load_questions
+from llava_smoe.config import Config
+from llava_smoe.evaluation.questions import (
+    check_parquet_columns,
+    export_parquet,
+    load_questions,
+)
 from llava_smoe.evaluation.tasks import LOCAL_TASKS, write_task_folder
 
 log = logging.getLogger(__name__)
@@ -34,7 +39,7 @@ class EvalError(RuntimeError):
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Config):
     """One `llava-smoe eval` run. `data` feeds every local task named in `tasks` (LLaVA JSON is
     exported to parquet first); without it local tasks read their default files."""
 
@@ -52,7 +57,7 @@ class EvalConfig:
     log_samples: bool = True
     extra_include_paths: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.checkpoints:
             raise ValueError("give at least one checkpoint folder")
         for ckpt in self.checkpoints:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from llava_smoe.pretrained import DTYPES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder (model + processor, from save_pretrained)")
@@ -17,24 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-folder", help="images of --data (default: images/ next to it, else its folder)")
     parser.add_argument("--limit", type=int, default=256, help="samples to run (default 256)")
     parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--out", required=True, help="output folder")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from llava_smoe.evaluation.generation import resolve_device
     from llava_smoe.evaluation.questions import default_image_folder
     from llava_smoe.evaluation.routing import analyze_routing, write_report
-    from llava_smoe.model import load_model
-    from llava_smoe.processing import LlavaSmoeProcessor
+    from llava_smoe.pretrained import load_pretrained
 
     if args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
-    device = resolve_device(args.device)
-    model = load_model(args.checkpoint, args.dtype, device)
-    processor = LlavaSmoeProcessor.from_pretrained(args.checkpoint)
+    model, processor = load_pretrained(args.checkpoint, dtype=args.dtype, device=args.device)
     image_folder = args.image_folder or default_image_folder(args.data)
     report = analyze_routing(model, processor, args.data, image_folder, limit=args.limit)
     paths = write_report(report, args.out, meta={"checkpoint": args.checkpoint, "data": args.data})

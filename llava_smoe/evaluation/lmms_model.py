@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,50 +23,58 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
+from llava_smoe.config import Config, invalid, parse
 from llava_smoe.evaluation.generation import (
     GenerationOptions,
     InferenceRunner,
     Prompt,
-    resolve_device,
-    resolve_dtype,
     sorted_batches,
 )
+from llava_smoe.pretrained import DTypeChoice, load_pretrained, resolve_device
+
+
+@dataclass
+class ModelArgs(Config):
+    """`--model_args` of the llava_smoe lmms-eval model.
+
+    pretrained: the checkpoint folder (required unless a model object is given). device: cuda,
+    cpu (default: cuda when present). dtype: "auto" = bf16 on a GPU that has it, else fp32.
+    batch_size: requests per forward. max_new_tokens: when a task sets none. attn_implementation:
+    "sdpa", "eager", "flash_attention_2", "auto". max_batch_size: lmms-eval always passes it;
+    batches are fixed-size here.
+    """
+
+    pretrained: str | None = None
+    device: str | None = None
+    dtype: DTypeChoice = "auto"
+    batch_size: int | str = 1
+    max_new_tokens: int = 64
+    attn_implementation: str = "sdpa"
+    max_batch_size: int | None = None
+
+    def validate(self) -> None:
+        if isinstance(self.batch_size, str):
+            if self.batch_size.startswith("auto"):
+                raise invalid("batch_size", "'auto' is not supported; give a number (e.g. --batch_size 8)")
+            if not self.batch_size.isdigit():
+                raise invalid("batch_size", f"expected an integer, got {self.batch_size!r}")
+            self.batch_size = int(self.batch_size)
+        if self.batch_size < 1:
+            raise invalid("batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 class LlavaSmoeLmms(lmms):
-    """lmms-eval model over a saved LLaVA-SMoE checkpoint (a folder from `save_pretrained`).
-
-    model_args: pretrained (required), device ("cuda"/"cpu"/"auto"), dtype ("auto" = bf16 on a
-    GPU that has it, else fp32), batch_size, max_new_tokens (when a task sets none),
-    attn_implementation ("sdpa", "eager", "flash_attention_2", "auto").
-    The model object may also be given directly (`model=..., processor=...`) for in-process use.
+    """lmms-eval model over a saved LLaVA-SMoE checkpoint (a folder from `save_pretrained`),
+    configured by `ModelArgs`. The model object may also be given directly
+    (`model=..., processor=...`) for in-process use.
     """
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        device: str | None = None,
-        dtype: str = "auto",
-        batch_size: int | str = 1,
-        max_new_tokens: int = 64,
-        attn_implementation: str = "sdpa",
-        max_batch_size: int | None = None,  # lmms-eval always passes it; batches are fixed-size here
-        model: Any = None,
-        processor: Any = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, model: Any = None, processor: Any = None, **model_args: Any) -> None:
         super().__init__()
-        if kwargs:
-            raise ValueError(
-                f"llava_smoe: unknown model_args {sorted(kwargs)}; valid: pretrained, device, dtype, batch_size, "
-                "max_new_tokens, attn_implementation"
-            )
-        if str(batch_size).startswith("auto"):
-            raise ValueError("llava_smoe: batch_size 'auto' is not supported; give a number (e.g. --batch_size 8)")
-        self.batch_size_per_device = int(batch_size)
-        if self.batch_size_per_device < 1:
-            raise ValueError(f"llava_smoe: batch_size must be >= 1, got {batch_size}")
-        self.max_new_tokens = int(max_new_tokens)
+        args = parse(ModelArgs, model_args, ("model_args",))
+        self.batch_size_per_device = args.batch_size
+        self.max_new_tokens = args.max_new_tokens
+        pretrained, device, dtype, attn_implementation = args.pretrained, args.device, args.dtype, args.attn_implementation
 
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:
@@ -78,11 +87,8 @@ class LlavaSmoeLmms(lmms):
         if model is None:
             if not pretrained:
                 raise ValueError("llava_smoe: pass --model_args pretrained=PATH (a folder written by save_pretrained)")
-            from llava_smoe.model import load_model
-            from llava_smoe.processing import LlavaSmoeProcessor
-
-            model = load_model(str(pretrained), resolve_dtype(dtype, self._device), self._device, attn_implementation)
-            processor = LlavaSmoeProcessor.from_pretrained(str(pretrained))
+            model, processor = load_pretrained(str(pretrained), dtype=dtype, device=self._device,
+                                               attn_implementation=attn_implementation)
         elif processor is None:
             raise ValueError("llava_smoe: a model object needs its processor (processor=...)")
         else:

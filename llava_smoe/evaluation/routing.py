@@ -16,24 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from llava_smoe.moe.routers.base import load_cv
+from llava_smoe.moe.routers.competesmoe import neural_response
 
 LM_PREFIX = "language_model."
 
 
 def _cv(counts: list[float]) -> float:
-    t = torch.tensor(counts, dtype=torch.float64)
-    mean = t.mean().item()
-    return t.std(unbiased=False).item() / mean if mean > 0 else 0.0
-
-
-def competition_affinity(y_TED: torch.Tensor, affinity: str) -> torch.Tensor:
-    """The expert scores CompeteSMoE's competition ranks by ("softplus" or "l2"), [T, E]."""
-    if affinity == "softplus":
-        return F.softplus(y_TED.float()).mean(-1)
-    if affinity == "l2":
-        return y_TED.float().norm(dim=-1)
-    raise ValueError(f"unknown CompeteSMoE affinity {affinity!r}")
+    return load_cv(torch.tensor(counts))
 
 
 class CompetitionProbe:
@@ -67,7 +58,7 @@ class CompetitionProbe:
             x_TD = x.reshape(-1, x.shape[-1])
             K = layer.config.top_k
             router_idx_TK = layer.router.gate(x_TD).expert_idx_TK
-            affinity_TE = competition_affinity(layer.experts.forward_all(x_TD), layer.router.opts.affinity)
+            affinity_TE = neural_response(layer.experts.forward_all(x_TD), layer.router.opts.affinity)
             comp_idx_TK = affinity_TE.topk(K, dim=-1).indices
             hit_TK = (router_idx_TK.unsqueeze(-1) == comp_idx_TK.unsqueeze(1)).any(-1)
             overlap_T = hit_TK.float().mean(-1)
@@ -152,7 +143,7 @@ def analyze_routing(model: Any, processor: Any, data_path: str, image_folder: st
 
     layers = moe_layers(model)
     if not layers:
-        raise ValueError("the model has no MoE layers (config.moe_config is unset): nothing to inspect")
+        raise ValueError("the model has no MoE layers: nothing to inspect")
     model.eval()
     dataset = LlavaDataset(DataConfig(data_path, image_folder, on_bad_sample="skip"), processor)
     collate = DataCollator.from_processor(processor)
@@ -174,7 +165,7 @@ def analyze_routing(model: Any, processor: Any, data_path: str, image_folder: st
             input_ids = batch["input_ids"].to(device)
             image_mask = (input_ids == image_id).reshape(-1)
             probe.image_mask = image_mask
-            pixel_values = batch["images"].to(device, dtype) if batch["images"].shape[0] else None
+            pixel_values = batch["pixel_values"].to(device, dtype) if "pixel_values" in batch else None
             model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), pixel_values=pixel_values)
             n_samples += 1
             n_image += int(image_mask.sum())

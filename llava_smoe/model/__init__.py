@@ -1,68 +1,44 @@
-"""The multimodal model: vision towers, projectors, language-model MoE surgery and the VLM.
+"""The multimodal model: vision towers, projectors, MoE surgery, the language model and the VLM.
 
-Importing this package registers `llava_smoe` with transformers' AutoConfig,
+Names load on first use, so `llava_smoe.model.vision` can be imported without transformers'
+model code. `llava_smoe.model.modeling` registers `llava_smoe` with transformers' AutoConfig,
 AutoModelForImageTextToText and AutoModelForCausalLM, so saved checkpoints load through the
-Auto classes without remote code.
+Auto classes without remote code (`import llava_smoe` has it imported when transformers' auto
+module is).
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from __future__ import annotations
 
-from .configuration import LlavaSmoeConfig, MoEPlacement, VLMConfig
-from .language_model import (
-    build_language_model,
-    decoder_layers,
-    load_language_model,
-    resolve_layers,
-    upcycle_blocks,
-)
-from .modeling import (
-    LlavaSmoeForConditionalGeneration,
-    LlavaSmoePreTrainedModel,
-    build_model,
-    load_model,
-    resolve_attn_implementation,
-)
-from .projector import (
-    MLPProjector,
-    MoEProjector,
-    PositionedProjector,
-    ProjectorConfig,
-    build_projector,
-    upcycle_projector,
-)
-from .tiny import tiny_model_config, tiny_text_config, tiny_vision_config
-from .vision import HFVisionTower, OpenClipVisionTower, VisionTower, VisionTowerConfig, build_vision_tower
+from llava_smoe._lazy import lazy_exports
 
-AutoConfig.register(LlavaSmoeConfig.model_type, LlavaSmoeConfig, exist_ok=True)
-AutoModelForImageTextToText.register(LlavaSmoeConfig, LlavaSmoeForConditionalGeneration, exist_ok=True)
-AutoModelForCausalLM.register(LlavaSmoeConfig, LlavaSmoeForConditionalGeneration, exist_ok=True)
-
-__all__ = [
-    "HFVisionTower",
-    "LlavaSmoeConfig",
-    "LlavaSmoeForConditionalGeneration",
-    "LlavaSmoePreTrainedModel",
-    "MLPProjector",
-    "MoEPlacement",
-    "MoEProjector",
-    "OpenClipVisionTower",
-    "PositionedProjector",
-    "ProjectorConfig",
-    "VLMConfig",
-    "VisionTower",
-    "VisionTowerConfig",
-    "build_language_model",
-    "build_model",
-    "build_projector",
-    "build_vision_tower",
-    "decoder_layers",
-    "load_language_model",
-    "load_model",
-    "resolve_attn_implementation",
-    "resolve_layers",
-    "tiny_model_config",
-    "tiny_text_config",
-    "tiny_vision_config",
-    "upcycle_blocks",
-    "upcycle_projector",
-]
+__getattr__, __all__ = lazy_exports(__name__, {
+    "LlavaSmoeConfig": "configuration",
+    "LanguageModelSpec": "configuration",
+    "MoEPlacement": "configuration",
+    "VLMConfig": "configuration",
+    "LMModelConfig": "language_model",
+    "build_language_model": "language_model",
+    "describe": "language_model",
+    "load_language_model": "language_model",
+    "parameter_counts": "language_model",
+    "save_language_model": "language_model",
+    "LlavaSmoeForConditionalGeneration": "modeling",
+    "LlavaSmoePreTrainedModel": "modeling",
+    "build_model": "modeling",
+    "resolve_attn_implementation": "modeling",
+    "MLPProjector": "projector",
+    "MoEProjector": "projector",
+    "PositionedProjector": "projector",
+    "ProjectorConfig": "projector",
+    "build_projector": "projector",
+    "upcycle_projector": "projector",
+    "decoder_layers": "surgery",
+    "lm_moe": "surgery",
+    "record_moe": "surgery",
+    "upcycle": "surgery",
+    "HFVisionTower": "vision",
+    "OpenClipVisionTower": "vision",
+    "VisionTower": "vision",
+    "VisionTowerConfig": "vision",
+    "build_vision_tower": "vision",
+})

@@ -1,52 +1,59 @@
 """The language model: any transformers causal LM whose decoder layers have an `mlp` FFN.
 
-Tested families: Llama, Qwen2 / Qwen2.5, Qwen3, Phi-3 / Phi-3.5. MoE surgery replaces chosen
-layers' `mlp` by `llava_smoe.moe.upcycle_ffn(layer.mlp, ...)`; the same placement rules serve
-the vision tower's blocks.
+Tested families: Llama, Qwen2 / Qwen2.5, Qwen3, Phi-3 / Phi-3.5. An LM with MoE layers is the
+family's model whose chosen layers' `mlp` is a `llava_smoe.moe.MoELayer`; its config records
+them (`llava_smoe_moe`, see `surgery`), so building from that config rebuilds them. Saved as a
+transformers folder (`config.json`, `model.safetensors`, the tokenizer), it loads with
+`load_language_model` here and as the language model of a VLM recipe
+(`language_model: {name_or_path: FOLDER}`); parameter names are those the VLM's surgery makes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from llava_smoe.config import Config, ConfigError, invalid
+from llava_smoe.moe import MoEConfig, MoELayer
+from llava_smoe.moe.config import LayerSpec, MoELayers, resolve_layers
+
+from .surgery import check_language_model, decoder_layers, install_lm_moe, lm_moe
+
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
 
-    from llava_smoe.moe import MoEConfig
-
-LayerSpec = Literal["none", "all", "every_other"] | Sequence[int]
-
-# An LM trained with MoE layers (llava_smoe.lm) records them in its config.json under this key:
-# {"moe_config": {...}, "layers": [...]}; building from such a config re-creates the MoE layers.
-MOE_CONFIG_KEY = "llava_smoe_moe"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def build_language_model(config: PreTrainedConfig | dict[str, Any], *, attn_implementation: str | None = None,
                          dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A randomly initialised causal LM from a transformers config (or a dict with `model_type`)."""
+    """A randomly initialised causal LM from a transformers config (or a dict with `model_type`),
+    with the MoE layers its config records."""
     from transformers import AutoModelForCausalLM
 
     config = text_config_from_dict(config) if isinstance(config, dict) else config
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     lm = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     check_language_model(lm)
-    spec = lm_moe_spec(config)
-    if spec is not None:
-        install_moe_layers(lm, *spec)
+    moe = lm_moe(config)
+    if moe is not None:
+        install_lm_moe(lm, moe)
     return lm
 
 
 def load_language_model(path: str, *, attn_implementation: str | None = None,
                         dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A pretrained causal LM from a local folder or hub id (safetensors only, no remote code)."""
+    """A pretrained causal LM from a local folder or hub id (safetensors only, no remote code),
+    dense or with the MoE layers its config records."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if lm_moe_spec(config) is not None:
+    if lm_moe(config) is not None:
         # transformers does not know our MoE layers: build them from the config, then load strictly.
         lm = build_language_model(config, attn_implementation=attn_implementation)
         _load_safetensors_strict(lm, path)
@@ -58,9 +65,23 @@ def load_language_model(path: str, *, attn_implementation: str | None = None,
     return lm
 
 
-def _load_safetensors_strict(lm: nn.Module, path: str) -> None:
-    from pathlib import Path
+def save_language_model(lm: PreTrainedModel, out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Write config.json (with its MoE record), model.safetensors and the tokenizer."""
+    from safetensors.torch import save_model
 
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm.config.save_pretrained(out)
+    if getattr(lm, "generation_config", None) is not None:
+        lm.generation_config.save_pretrained(out)
+    # Tied tensors are written once; loading restores the tie. "pt" lets transformers read it.
+    save_model(lm, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _load_safetensors_strict(lm: nn.Module, path: str) -> None:
     from safetensors.torch import load_file
 
     files = sorted(Path(path).glob("*.safetensors"))
@@ -92,89 +113,65 @@ def text_config_from_dict(d: dict[str, Any]) -> PreTrainedConfig:
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a transformers causal LM (`lm.model.layers` for Llama/Qwen/Phi-3)."""
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"{type(lm).__name__}: cannot find the decoder layers (expected a ModuleList at "
-            "`model.layers`, as in Llama/Qwen/Phi-3 models)"
-        )
-    return layers
+@dataclass
+class LMModelConfig(Config):
+    """The architecture of a language model trained from scratch.
 
-
-def check_language_model(lm: nn.Module) -> None:
-    for i, layer in enumerate(decoder_layers(lm)):
-        if not isinstance(getattr(layer, "mlp", None), nn.Module):
-            raise ValueError(
-                f"{type(lm).__name__} layer {i} has no `mlp` FFN module; supported families have one "
-                "per decoder layer (Llama, Qwen2/2.5/3, Phi-3)"
-            )
-
-
-def resolve_layers(spec: LayerSpec, num_layers: int, *, where: str) -> list[int]:
-    """"all" | "every_other" (odd layers 1, 3, 5, ... as MoE-LLaVA) | "none" | explicit indices."""
-    if isinstance(spec, str):
-        if spec == "all":
-            return list(range(num_layers))
-        if spec == "every_other":
-            return list(range(1, num_layers, 2))
-        if spec == "none":
-            return []
-        raise ValueError(f"{where}: placement {spec!r} is not 'all', 'every_other', 'none' or a list of layers")
-    layers = sorted({int(i) for i in spec})
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"{where}: layer indices {bad} are out of range for {num_layers} layers (0..{num_layers - 1})")
-    return layers
-
-
-def upcycle_blocks(blocks: Sequence[nn.Module], layer_ids: Sequence[int], moe_config: MoEConfig,
-                   *, where: str) -> None:
-    """Replace `blocks[i].mlp` by an upcycled MoELayer for every i in layer_ids."""
-    from llava_smoe.moe import MoELayer, upcycle_ffn
-
-    for i in layer_ids:
-        mlp = blocks[i].mlp
-        if isinstance(mlp, MoELayer):
-            raise ValueError(f"{where} layer {i} is already an MoE layer: MoE surgery must be applied once")
-        try:
-            blocks[i].mlp = upcycle_ffn(mlp, moe_config, layer_idx=i)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where} layer {i}: cannot upcycle {type(mlp).__name__}: {err}") from err
-
-
-def install_moe_layers(lm: nn.Module, moe: MoEConfig, layers: Sequence[int]) -> None:
-    """Replace `mlp` of `layers` by freshly initialised MoE layers and record it in `lm.config`.
-
-    Experts start like the dense FFNs they replace (normal, std `initializer_range`), so dense
-    and MoE runs of one architecture start from the same weight scale.
+    architecture: a transformers config dict with `model_type` (e.g. qwen3, llama); vocab_size,
+        special token ids and max_position_embeddings are filled in from the tokenizer and the
+        sequence length unless given.
+    moe: the MoE layers' config, or None for a dense model.
+    moe_layers: "all", "every_other" (odd layers), "none", or a list of layer indices.
     """
-    from llava_smoe.moe import MoELayer
 
-    blocks = decoder_layers(lm)
-    cfg = lm.config
-    std = getattr(cfg, "initializer_range", 0.02)
-    for i in layers:
-        if isinstance(blocks[i].mlp, MoELayer):
-            raise ValueError(f"language model layer {i} is already an MoE layer")
-        ref = next(blocks[i].mlp.parameters())
-        layer = MoELayer(moe, cfg.hidden_size, cfg.intermediate_size, ffn_kind="swiglu",
-                         activation=cfg.hidden_act, layer_idx=i).to(device=ref.device, dtype=ref.dtype)
-        for experts in (layer.experts, layer.shared_experts):
-            if experts is not None:
-                for p in experts.parameters():
-                    nn.init.normal_(p, std=std)
-        blocks[i].mlp = layer
-    setattr(cfg, MOE_CONFIG_KEY, {"moe_config": moe.to_dict(), "layers": list(layers)})
+    architecture: dict[str, Any] = field(default_factory=lambda: {"model_type": "qwen3"})
+    moe: MoEConfig | None = None
+    moe_layers: LayerSpec = "all"
+
+    def validate(self) -> None:
+        if "model_type" not in self.architecture:
+            raise invalid("architecture", "needs 'model_type' (e.g. qwen3 or llama)")
+
+    def build(self, *, vocab_size: int, max_seq_len: int, bos_token_id: int | None = None,
+              eos_token_id: int | None = None, pad_token_id: int | None = None) -> PreTrainedModel:
+        """A randomly initialised causal LM, MoE in the layers `moe_layers` names."""
+        arch = dict(self.architecture)
+        arch.setdefault("vocab_size", vocab_size)
+        if arch["vocab_size"] < vocab_size:
+            raise invalid("architecture", f"vocab_size={arch['vocab_size']} is smaller than the tokenizer's "
+                                          f"{vocab_size} tokens; drop the key to use the tokenizer's size")
+        arch.setdefault("max_position_embeddings", max_seq_len)
+        if arch["max_position_embeddings"] < max_seq_len:
+            raise invalid("architecture", f"max_position_embeddings={arch['max_position_embeddings']} "
+                                          f"is below the sequence length {max_seq_len}")
+        for key, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
+                           ("pad_token_id", pad_token_id)):
+            arch.setdefault(key, value)
+        lm = build_language_model(arch)
+        if self.moe is not None:
+            try:
+                layers = resolve_layers(self.moe_layers, len(decoder_layers(lm)))
+            except ConfigError as exc:
+                raise exc.within("moe_layers") from None
+            install_lm_moe(lm, MoELayers(moe_config=self.moe, layers=layers))
+        return lm
 
 
-def lm_moe_spec(config: Any) -> tuple[MoEConfig, list[int]] | None:
-    """(MoE config, MoE layer indices) recorded in an LM config (object or dict), or None if dense."""
-    entry = config.get(MOE_CONFIG_KEY) if isinstance(config, dict) else getattr(config, MOE_CONFIG_KEY, None)
-    if not entry:
-        return None
-    from llava_smoe.moe import MoEConfig
+def parameter_counts(lm: nn.Module) -> dict[str, int]:
+    """Total parameters and those a token uses (routed experts counted top_k / E)."""
+    total = sum(p.numel() for p in lm.parameters())
+    inactive = 0
+    for module in lm.modules():
+        if isinstance(module, MoELayer):
+            c = module.config
+            expert = sum(p.numel() for p in module.experts.parameters())
+            inactive += expert - expert * min(c.top_k, c.num_experts) // c.num_experts
+    return {"total": total, "active": total - inactive}
 
-    return MoEConfig.from_dict(entry["moe_config"]), [int(i) for i in entry["layers"]]
+
+def describe(lm: nn.Module) -> str:
+    counts = parameter_counts(lm)
+    moe = lm_moe(lm.config)
+    shape = "dense" if moe is None else json.dumps({"router": moe.moe_config.router, "experts": moe.moe_config.num_experts,
+                                                     "top_k": moe.moe_config.top_k, "layers": moe.layers})
+    return f"{lm.config.model_type}: {counts['total']:,} parameters ({counts['active']:,} active per token), {shape}"

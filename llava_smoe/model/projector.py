@@ -5,9 +5,10 @@ Types:
 - "linear": one Linear.
 - "mlp{N}x_gelu": Linear(C, D), then (GELU, Linear(D, D)) x (N-1); LLaVA-1.5 uses mlp2x_gelu.
 - "moe": Linear(C, D), GELU, then an MoELayer(D, D, ffn_kind="gelu") whose experts are
-  Linear(D, D) -> GELU -> Linear(D, D). It is mlp3x_gelu with its last two Linears turned
-  into experts, so `upcycle_projector` converts a trained mlp3x_gelu projector into it
-  with identical outputs. (An MoELayer maps D -> D, so the C -> D input Linear stays dense.)
+  Linear(D, D) -> GELU -> Linear(D, D), configured by `moe_config`. It is mlp3x_gelu with its
+  last two Linears turned into experts, so `upcycle_projector` converts a trained mlp3x_gelu
+  projector into it with identical outputs. (An MoELayer maps D -> D, so the C -> D input
+  Linear stays dense.)
 
 `position_embedding: true` adds a learned vector per image-token position to the projector's
 output (`PositionedProjector`): the tokens then carry their place in the image in their values,
@@ -18,46 +19,45 @@ tower's own position embeddings enter at its input and fade under content in dee
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from llava_smoe.moe import MoEConfig
+from llava_smoe.config import Config, invalid, parse
+from llava_smoe.moe.config import MoEConfig
 
 _MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
 
 
 @dataclass
-class ProjectorConfig:
+class ProjectorConfig(Config):
+    """type: 'identity', 'linear', 'mlp{N}x_gelu' or 'moe'; moe_config: the experts of 'moe'."""
+
     type: str = "mlp2x_gelu"
     bias: bool = True
     position_embedding: bool = False
+    moe_config: MoEConfig | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         m = _MLP_RE.match(self.type)
         if self.type not in ("identity", "linear", "moe") and not (m and int(m.group(1)) >= 1):
-            raise ValueError(
-                f"projector.type {self.type!r} is not one of 'identity', 'linear', 'mlp{{N}}x_gelu' "
-                "(N >= 1, e.g. 'mlp2x_gelu'), 'moe'"
-            )
+            raise invalid("type", f"{self.type!r} is not one of 'identity', 'linear', 'mlp{{N}}x_gelu' "
+                                  "(N >= 1, e.g. 'mlp2x_gelu'), 'moe'")
 
     @property
     def mlp_depth(self) -> int | None:
         m = _MLP_RE.match(self.type)
         return int(m.group(1)) if m else None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProjectorConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"projector config: unknown keys {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+    def build(self, in_features: int, out_features: int, num_tokens: int | None = None) -> nn.Module:
+        """num_tokens: image tokens per image, needed when position_embedding is set."""
+        base = _build_base(self, in_features, out_features)
+        if not self.position_embedding:
+            return base
+        if not num_tokens or num_tokens < 1:
+            raise ValueError(f"projector position_embedding needs the number of image tokens, got {num_tokens!r}")
+        return PositionedProjector(base, num_tokens, out_features)
 
 
 class MLPProjector(nn.Sequential):
@@ -113,20 +113,12 @@ class _DenseFFNView(nn.Module):
 
 
 def build_projector(config: ProjectorConfig | dict, in_features: int, out_features: int,
-                    moe_config: MoEConfig | None = None, num_tokens: int | None = None) -> nn.Module:
-    """num_tokens: image tokens per image, needed when config.position_embedding is set."""
-    if isinstance(config, dict):
-        config = ProjectorConfig.from_dict(config)
-    base = _build_base(config, in_features, out_features, moe_config)
-    if not config.position_embedding:
-        return base
-    if not num_tokens or num_tokens < 1:
-        raise ValueError(f"projector position_embedding needs the number of image tokens, got {num_tokens!r}")
-    return PositionedProjector(base, num_tokens, out_features)
+                    num_tokens: int | None = None) -> nn.Module:
+    """`ProjectorConfig.build` for a config given as plain data."""
+    return parse(ProjectorConfig, config).build(in_features, out_features, num_tokens)
 
 
-def _build_base(config: ProjectorConfig, in_features: int, out_features: int,
-                moe_config: MoEConfig | None) -> nn.Module:
+def _build_base(config: ProjectorConfig, in_features: int, out_features: int) -> nn.Module:
     if config.type == "identity":
         if in_features != out_features:
             raise ValueError(
@@ -137,11 +129,11 @@ def _build_base(config: ProjectorConfig, in_features: int, out_features: int,
     if config.type == "linear":
         return nn.Linear(in_features, out_features, bias=config.bias)
     if config.type == "moe":
-        if moe_config is None:
+        if config.moe_config is None:
             raise ValueError("projector 'moe' needs an MoE config (set `moe` in the model config)")
         from llava_smoe.moe import MoELayer
 
-        moe = MoELayer(moe_config, hidden_size=out_features, ffn_size=out_features,
+        moe = MoELayer(config.moe_config, hidden_size=out_features, ffn_size=out_features,
                        ffn_kind="gelu", activation="gelu", bias=config.bias, layer_idx=0)
         return MoEProjector(nn.Linear(in_features, out_features, bias=config.bias), moe)
     return MLPProjector(in_features, out_features, config.mlp_depth, bias=config.bias)

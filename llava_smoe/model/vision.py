@@ -2,8 +2,9 @@
 
 A tower maps pixel values [B, 3, H, W] to patch features [B, T, C] taken from one hidden
 layer (`feature_layer`, HF `hidden_states` indexing: 0 is the embedding output, -1 the last
-block, -2 the penultimate as in LLaVA). It also reports the preprocessing it expects (image
-size, mean, std) and how many tokens an image becomes, so the data pipeline never guesses.
+block, -2 the penultimate as in LLaVA). It also reports the preprocessing it was trained with
+(image size, mean, std) and how many tokens an image becomes, from which a new assembly's
+processor is made; from then on the processor owns the preprocessing.
 
 `VisionTower.resolved_config()` returns a config that rebuilds the same architecture without
 any external file (the open_clip model dict / the HF vision config dict are embedded), which
@@ -16,16 +17,20 @@ import contextlib
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from llava_smoe.config import Config, invalid, parse
+from llava_smoe.moe.config import MoELayers
+
 FeatureSelect = Literal["patch", "cls_patch"]
 
-# Mean/std defaults by vision model family; a checkpoint's preprocessor_config.json overrides them.
+# Mean/std by vision model family (the values the towers were trained with); a checkpoint's
+# preprocessor_config.json overrides them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -41,7 +46,7 @@ _HF_VISION_MODELS = {
 
 
 @dataclass
-class VisionTowerConfig:
+class VisionTowerConfig(Config):
     """Which vision encoder to use and which of its features feed the projector.
 
     backend: "hf" (transformers CLIPVisionModel / SiglipVisionModel) or "open_clip".
@@ -54,7 +59,8 @@ class VisionTowerConfig:
     feature_layer: hidden layer whose tokens are used (HF hidden_states indexing).
     feature_select: "patch" drops the CLS token, "cls_patch" keeps it (CLIP-style towers only).
     freeze: freeze the tower's weights at build time (MoE layers added later stay trainable).
-    image_mean / image_std: override the family's normalisation constants.
+    moe: the tower's MoE blocks; written by MoE surgery (a recipe places them with
+        `moe_placement.vision_tower`).
     """
 
     backend: Literal["hf", "open_clip"] = "hf"
@@ -66,45 +72,27 @@ class VisionTowerConfig:
     feature_layer: int = -2
     feature_select: FeatureSelect = "patch"
     freeze: bool = True
-    image_mean: tuple[float, float, float] | None = None
-    image_std: tuple[float, float, float] | None = None
+    moe: MoELayers | None = None
 
-    def __post_init__(self) -> None:
-        if self.backend not in ("hf", "open_clip"):
-            raise ValueError(f"vision.backend must be 'hf' or 'open_clip', got {self.backend!r}")
-        if self.feature_select not in ("patch", "cls_patch"):
-            raise ValueError(
-                f"vision.feature_select must be 'patch' or 'cls_patch', got {self.feature_select!r}"
-            )
+    def validate(self) -> None:
         if self.backend == "hf" and self.name_or_path is None and self.hf_config is None:
-            raise ValueError(
-                "vision: the 'hf' backend needs name_or_path (a local folder or hub id) or hf_config "
-                "(a CLIP/SigLIP vision config dict with 'model_type')"
-            )
+            raise invalid("name_or_path", "the 'hf' backend needs name_or_path (a local folder or hub id) or "
+                                          "hf_config (a CLIP/SigLIP vision config dict with 'model_type')")
         if self.backend == "hf" and self.hf_config is not None and "model_type" not in self.hf_config:
-            raise ValueError("vision.hf_config must contain 'model_type' (e.g. 'clip_vision_model')")
+            raise invalid("hf_config", "must contain 'model_type' (e.g. 'clip_vision_model')")
         if self.backend == "open_clip" and self.name_or_path is None:
-            raise ValueError("vision: the 'open_clip' backend needs name_or_path (the open_clip model name)")
-        open_clip_only = (self.pretrained, self.open_clip_model_config, self.open_clip_model_config_path)
-        if self.backend == "hf" and any(v is not None for v in open_clip_only):
-            raise ValueError("vision: pretrained / open_clip_model_config* apply to backend 'open_clip' only")
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if value is not None:
-                if len(value) != 3:
-                    raise ValueError(f"vision.{name} needs 3 values (RGB), got {value!r}")
-                setattr(self, name, tuple(float(v) for v in value))
+            raise invalid("name_or_path", "the 'open_clip' backend needs name_or_path (the open_clip model name)")
+        open_clip_only = ("pretrained", "open_clip_model_config", "open_clip_model_config_path")
+        set_here = [name for name in open_clip_only if getattr(self, name) is not None]
+        if self.backend == "hf" and set_here:
+            raise invalid(set_here[0], "applies to backend 'open_clip' only")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionTowerConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"vision config: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        return cls(**d)
+    def build(self, *, load_weights: bool = True, attn_implementation: str | None = None,
+              dtype: torch.dtype | None = None) -> VisionTower:
+        """The tower; with load_weights=False only the architecture (weights come later)."""
+        if self.backend == "open_clip":
+            return OpenClipVisionTower(self, load_weights=load_weights, dtype=dtype)
+        return HFVisionTower(self, load_weights=load_weights, attn_implementation=attn_implementation, dtype=dtype)
 
 
 class VisionTower(nn.Module):
@@ -150,10 +138,8 @@ class VisionTower(nn.Module):
 
     def _finish_init(self) -> None:
         if self.config.feature_select == "cls_patch" and not self.has_cls_token:
-            raise ValueError(
-                f"vision tower {self.config.name_or_path or '(from config)'} has no CLS token "
-                "(SigLIP-style): use feature_select='patch'"
-            )
+            raise invalid("feature_select", f"vision tower {self.config.name_or_path or '(from config)'} has no "
+                                            "CLS token (SigLIP-style): use 'patch'")
         _block_index(self.config.feature_layer, len(self.blocks()))  # validates the range
         self.apply_freeze()
 
@@ -180,13 +166,12 @@ def _block_index(feature_layer: int, num_blocks: int) -> int:
     """HF hidden_states index (0 = embeddings, i = output of block i-1) -> 0-based block index."""
     num_states = num_blocks + 1
     if not -num_states <= feature_layer < num_states:
-        raise ValueError(
-            f"vision.feature_layer={feature_layer} is out of range for a tower with {num_blocks} blocks "
-            f"(valid: {-num_states}..{num_states - 1}; -2 is the penultimate block)"
-        )
+        raise invalid("feature_layer", f"{feature_layer} is out of range for a tower with {num_blocks} blocks "
+                                       f"(valid: {-num_states}..{num_states - 1}; -2 is the penultimate block)")
     state = feature_layer % num_states
     if state == 0:
-        raise ValueError("vision.feature_layer selects the patch embeddings (no block output); use a block output")
+        raise invalid("feature_layer", f"{feature_layer} selects the patch embeddings (no block output); "
+                                       "use a block output")
     return state - 1
 
 
@@ -212,7 +197,7 @@ class HFVisionTower(VisionTower):
             if info["missing_keys"]:
                 raise ValueError(f"vision tower {path}: the checkpoint lacks {sorted(info['missing_keys'])[:5]} "
                                  f"({len(info['missing_keys'])} missing weights)")
-            config = replace(config, **_preprocessor_overrides(path, config))
+            self._pretrained_preprocessing = _preprocessor_config(path)
         else:
             if config.hf_config is not None:
                 hf_cfg = _hf_vision_config(config.hf_config)
@@ -231,15 +216,16 @@ class HFVisionTower(VisionTower):
         self.patch_size = vc.patch_size
         self.has_cls_token = family == "clip"
         default_mean, default_std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (_SIGLIP_MEAN, _SIGLIP_STD)
-        self.image_mean = config.image_mean or default_mean
-        self.image_std = config.image_std or default_std
+        pp = getattr(self, "_pretrained_preprocessing", {})
+        self.image_mean = tuple(float(v) for v in pp.get("image_mean", default_mean))
+        self.image_std = tuple(float(v) for v in pp.get("image_std", default_std))
         self._finish_init()
 
     def resolved_config(self) -> VisionTowerConfig:
         hf_cfg = self.model.config.to_dict()
         for key in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
             hf_cfg.pop(key, None)
-        return replace(self.config, hf_config=hf_cfg, image_mean=self.image_mean, image_std=self.image_std)
+        return replace(self.config, hf_config=hf_cfg)
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.encoder.layers)
@@ -264,13 +250,11 @@ class OpenClipVisionTower(VisionTower):
         if model_cfg is not None:
             _register_open_clip_config(name, model_cfg)
         elif open_clip.get_model_config(name) is None:
-            raise ValueError(
-                f"open_clip has no model named {name!r}: give open_clip_model_config (a dict) or "
-                "open_clip_model_config_path (a JSON file) for custom models"
-            )
+            raise invalid("name_or_path", f"open_clip has no model named {name!r}: give open_clip_model_config "
+                                          "(a dict) or open_clip_model_config_path (a JSON file) for custom models")
         pretrained = config.pretrained if load_weights else None
         if pretrained is not None and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"vision.pretrained: open_clip checkpoint {pretrained!r} does not exist")
+            raise FileNotFoundError(f"vision.pretrained: open_clip checkpoint {pretrained} does not exist")
         # Random weights are intended here (weights come later): silence open_clip's warning about them.
         with _logging_disabled(logging.WARNING if pretrained is None else logging.NOTSET):
             clip = open_clip.create_model(
@@ -294,8 +278,8 @@ class OpenClipVisionTower(VisionTower):
         if visual.image_size[0] != visual.image_size[1] or visual.patch_size[0] != visual.patch_size[1]:
             raise ValueError(f"open_clip model {name!r}: only square images and patches are supported")
         self.has_cls_token = True
-        self.image_mean = config.image_mean or tuple(pp["mean"])
-        self.image_std = config.image_std or tuple(pp["std"])
+        self.image_mean = tuple(float(v) for v in pp["mean"])
+        self.image_std = tuple(float(v) for v in pp["std"])
         self._finish_init()
         # open_clip initialised these weights itself: transformers' init must leave them alone
         # (under from_pretrained they are on the meta device and loaded next).
@@ -304,7 +288,7 @@ class OpenClipVisionTower(VisionTower):
                 module._is_hf_initialized = True
 
     def resolved_config(self) -> VisionTowerConfig:
-        return replace(self.config, pretrained=None, image_mean=self.image_mean, image_std=self.image_std)
+        return replace(self.config, pretrained=None)
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.transformer.resblocks)
@@ -320,15 +304,9 @@ class OpenClipVisionTower(VisionTower):
         return patches_BPC
 
 
-def build_vision_tower(config: VisionTowerConfig | dict, *, load_weights: bool = True,
-                       attn_implementation: str | None = None,
-                       dtype: torch.dtype | None = None) -> VisionTower:
-    """Build a tower; with load_weights=False only the architecture (weights come later)."""
-    if isinstance(config, dict):
-        config = VisionTowerConfig.from_dict(config)
-    if config.backend == "open_clip":
-        return OpenClipVisionTower(config, load_weights=load_weights, dtype=dtype)
-    return HFVisionTower(config, load_weights=load_weights, attn_implementation=attn_implementation, dtype=dtype)
+def build_vision_tower(config: VisionTowerConfig | dict, **kwargs: Any) -> VisionTower:
+    """`VisionTowerConfig.build` for a config given as plain data."""
+    return parse(VisionTowerConfig, config).build(**kwargs)
 
 
 def _hf_family(model_type: str) -> tuple[str, str]:
@@ -350,17 +328,10 @@ def _hf_vision_config(d: dict[str, Any]):
     return getattr(cfg, "vision_config", None) or cfg
 
 
-def _preprocessor_overrides(path: str, config: VisionTowerConfig) -> dict[str, Any]:
-    """image_mean/std from a local checkpoint's preprocessor_config.json, unless set explicitly."""
+def _preprocessor_config(path: str) -> dict[str, Any]:
+    """A local checkpoint's preprocessor_config.json (its image_mean / image_std), or {}."""
     pp_file = Path(path) / "preprocessor_config.json"
-    if not pp_file.is_file():
-        return {}
-    pp = json.loads(pp_file.read_text())
-    out = {}
-    for key in ("image_mean", "image_std"):
-        if getattr(config, key) is None and key in pp:
-            out[key] = tuple(float(v) for v in pp[key])
-    return out
+    return json.loads(pp_file.read_text()) if pp_file.is_file() else {}
 
 
 @contextlib.contextmanager

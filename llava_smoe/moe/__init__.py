@@ -1,36 +1,28 @@
-"""The MoE core: batched experts, a router registry, the MoE layer, upcycling and step hooks."""
+"""The MoE core: batched experts, a router registry, the MoE layer, upcycling and step hooks.
 
-from .api import (
-    aux_loss_names,
-    convert_mot_to_token_choice,
-    collect_aux_losses,
-    configure_moe_schedule,
-    moe_layers,
-    moe_optimizer_step,
-    routing_stats,
-    token_groups,
-)
-from .config import MoEConfig
-from .experts import GroupedExperts, dispatch_pairs
-from .layer import MoELayer
-from .routers import available_routers, get_router_class, register_router
-from .upcycle import upcycle_ffn
+Names load on first use, so `llava_smoe.moe.routers.BUILTIN_ROUTERS` (for argument parsers) and
+`llava_smoe.moe.config` import without torch.
+"""
 
-__all__ = [
-    "GroupedExperts",
-    "MoEConfig",
-    "MoELayer",
-    "available_routers",
-    "aux_loss_names",
-    "collect_aux_losses",
-    "configure_moe_schedule",
-    "convert_mot_to_token_choice",
-    "dispatch_pairs",
-    "get_router_class",
-    "moe_layers",
-    "moe_optimizer_step",
-    "register_router",
-    "routing_stats",
-    "token_groups",
-    "upcycle_ffn",
-]
+from __future__ import annotations
+
+from llava_smoe._lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "aux_loss_names": "api",
+    "collect_aux_losses": "api",
+    "configure_moe_schedule": "api",
+    "convert_mot_to_token_choice": "api",
+    "moe_layers": "api",
+    "moe_optimizer_step": "api",
+    "routing_stats": "api",
+    "token_groups": "api",
+    "MoEConfig": "config",
+    "GroupedExperts": "experts",
+    "dispatch_pairs": "experts",
+    "MoELayer": "layer",
+    "available_routers": "routers",
+    "get_router_class": "routers",
+    "register_router": "routers",
+    "upcycle_ffn": "upcycle",
+})

@@ -8,6 +8,7 @@ sigmoid bias) changes there and nowhere else, never inside forward.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -21,6 +22,11 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
+def _layers(model: nn.Module | Iterable[MoELayer]) -> Iterable[MoELayer]:
+    # A hot loop passes the layers it found once instead of walking the module tree each call.
+    return [m for _, m in moe_layers(model)] if isinstance(model, nn.Module) else model
+
+
 def _routers_by_class(model: nn.Module) -> dict[type, list]:
     groups: dict[type, list] = defaultdict(list)
     for _, layer in moe_layers(model):
@@ -28,10 +34,11 @@ def _routers_by_class(model: nn.Module) -> dict[type, list]:
     return groups
 
 
-def collect_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Aux losses of the last forward, coefficient-weighted and summed over layers by name."""
+def collect_aux_losses(model: nn.Module | Iterable[MoELayer]) -> dict[str, torch.Tensor]:
+    """Aux losses of the last forward, coefficient-weighted and summed over layers by name.
+    `model` may be the model or its MoE layers (found once with `moe_layers`)."""
     total: dict[str, torch.Tensor] = {}
-    for _, layer in moe_layers(model):
+    for layer in _layers(model):
         for name, value in layer.pop_aux_losses().items():
             total[name] = total[name] + value if name in total else value
     return total
@@ -89,9 +96,9 @@ def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, dict]:
 
 
 @contextmanager
-def token_groups(model: nn.Module, groups: torch.Tensor | None):
+def token_groups(model: nn.Module | Iterable[MoELayer], groups: torch.Tensor | None):
     """Label tokens (0 = text, 1 = image) for the forwards inside the block, for split statistics."""
-    layers = [layer for _, layer in moe_layers(model)]
+    layers = list(_layers(model))
     for layer in layers:
         layer.set_token_groups(groups)
     try:

@@ -33,8 +33,7 @@ def grouped_mm_supported(dtype: torch.dtype, *dims: int) -> bool:
     """grouped_mm takes fp32/bf16/fp16 with every row stride a multiple of 16 bytes."""
     if not HAS_GROUPED_MM or dtype not in GROUPED_MM_DTYPES:
         return False
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return all((d * itemsize) % 16 == 0 for d in dims)
+    return all((d * dtype.itemsize) % 16 == 0 for d in dims)
 
 
 def activation_fn(name: str):

@@ -41,12 +41,18 @@ class MoELayer(nn.Module):
         )
         self._aux: dict[str, torch.Tensor] = {}
         self._token_groups_T: torch.Tensor | None = None
+        self._auto_impl: tuple[torch.dtype, str] | None = None  # (expert dtype, choice)
 
     @property
     def impl(self) -> str:
-        if self.config.dispatch == "auto":
-            return "grouped" if grouped_mm_supported(self.experts.w_in.dtype, self.hidden_size, self.ffn_size) else "loop"
-        return self.config.dispatch
+        """"grouped" or "loop"; "auto" decides once per expert dtype (a cast may change it)."""
+        if self.config.dispatch != "auto":
+            return self.config.dispatch
+        dtype = self.experts.w_in.dtype
+        if self._auto_impl is None or self._auto_impl[0] != dtype:
+            grouped = grouped_mm_supported(dtype, self.hidden_size, self.ffn_size)
+            self._auto_impl = (dtype, "grouped" if grouped else "loop")
+        return self._auto_impl[1]
 
     def set_token_groups(self, groups: torch.Tensor | None) -> None:
         """Label the next forward's tokens (0 = text, 1 = image) for split routing statistics."""

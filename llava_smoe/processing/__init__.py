@@ -1,15 +1,17 @@
 """Prompts, labels, image tensors and tokenizers: the layer training, evaluation and serving share."""
 
 from llava_smoe.processing.images import (
-    CLIP_MEAN,
-    CLIP_STD,
     ImageProcessingConfig,
     load_image,
     pad_to_square,
     preprocess_image,
     to_rgb,
 )
-from llava_smoe.processing.processor import IGNORE_INDEX, LlavaSmoeProcessor, ProcessorConfig
+from llava_smoe.processing.processor import (
+    IGNORE_INDEX,
+    LlavaSmoeProcessor,
+    ProcessorConfig,
+)
 from llava_smoe.processing.templates import (
     BUILTIN_TEMPLATES,
     TEMPLATE_NAMES,
@@ -33,8 +35,6 @@ from llava_smoe.processing.tokenizer import (
 __all__ = [
     "BUILTIN_TEMPLATES",
     "CHATML_JINJA",
-    "CLIP_MEAN",
-    "CLIP_STD",
     "DEFAULT_IMAGE_TOKEN",
     "IGNORE_INDEX",
     "TEMPLATE_NAMES",

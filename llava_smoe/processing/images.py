@@ -2,60 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MODES = ("pad", "resize", "center_crop")
+from llava_smoe.config import Config, invalid
+from llava_smoe.model.vision import CLIP_MEAN, CLIP_STD
+
+ImageMode = Literal["pad", "resize", "center_crop"]
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 
 
 @dataclass
-class ImageProcessingConfig:
+class ImageProcessingConfig(Config):
     """How images become tensors. `mode`: 'pad' pads to a square with the mean colour (LLaVA-1.5's
     choice: nothing is cropped away), 'resize' stretches, 'center_crop' resizes the short side and
     crops."""
 
     image_size: int = 336
-    mean: tuple[float, float, float] = field(default_factory=lambda: CLIP_MEAN)
-    std: tuple[float, float, float] = field(default_factory=lambda: CLIP_STD)
-    mode: str = "pad"
-    resample: str = "bicubic"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    mode: ImageMode = "pad"
+    resample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.image_size, int) or self.image_size <= 0:
-            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
-        self.mean = tuple(float(v) for v in self.mean)
-        self.std = tuple(float(v) for v in self.std)
-        if len(self.mean) != 3 or not all(0.0 <= v <= 1.0 for v in self.mean):
-            raise ValueError(f"mean must be 3 values in [0, 1] (RGB, as fractions of 255), got {self.mean}")
-        if len(self.std) != 3 or not all(v > 0 for v in self.std):
-            raise ValueError(f"std must be 3 positive values (RGB), got {self.std}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.resample not in RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {self.resample!r}")
+    def validate(self) -> None:
+        if self.image_size <= 0:
+            raise invalid("image_size", f"must be a positive int, got {self.image_size!r}")
+        if not all(0.0 <= v <= 1.0 for v in self.mean):
+            raise invalid("mean", f"must be 3 values in [0, 1] (RGB, as fractions of 255), got {list(self.mean)}")
+        if not all(v > 0 for v in self.std):
+            raise invalid("std", f"must be 3 positive values (RGB), got {list(self.std)}")
 
     @property
     def mean_color(self) -> tuple[int, int, int]:
         return tuple(int(round(255 * v)) for v in self.mean)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ImageProcessingConfig":
-        unknown = set(d) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ValueError(f"unknown image processing options {sorted(unknown)}")
-        return cls(**d)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

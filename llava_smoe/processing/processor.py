@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from llava_smoe.config import Config, ConfigError, dump, invalid, parse
 from llava_smoe.processing.images import ImageProcessingConfig, preprocess_image
 from llava_smoe.processing.templates import (
     TEMPLATE_NAMES,
@@ -33,7 +34,7 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class ProcessorConfig:
+class ProcessorConfig(Config):
     """Everything besides the tokenizer that decides what the model sees.
 
     `num_image_tokens` is the number of projected vision features per image (e.g. 576 for
@@ -49,44 +50,18 @@ class ProcessorConfig:
     end_of_turn: str | None = None
     image: ImageProcessingConfig = field(default_factory=ImageProcessingConfig)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.image, dict):
-            self.image = ImageProcessingConfig.from_dict(self.image)
+    def validate(self) -> None:
         if self.template not in TEMPLATE_NAMES:
-            raise ValueError(f"unknown template {self.template!r}; choose one of {list(TEMPLATE_NAMES)}")
-        if not isinstance(self.num_image_tokens, int) or self.num_image_tokens <= 0:
-            raise ValueError(
-                f"num_image_tokens must be a positive int (the vision tower's feature count per image), "
-                f"got {self.num_image_tokens!r}"
-            )
+            raise invalid("template", f"unknown template {self.template!r}; choose one of {list(TEMPLATE_NAMES)}")
+        if self.num_image_tokens <= 0:
+            raise invalid("num_image_tokens", "must be a positive int (the vision tower's feature count per image), "
+                                              f"got {self.num_image_tokens!r}")
         if not self.image_token or any(c.isspace() for c in self.image_token):
-            raise ValueError(f"image_token must be a non-empty string without whitespace, got {self.image_token!r}")
+            raise invalid("image_token", f"must be a non-empty string without whitespace, got {self.image_token!r}")
         if self.template == "plain" and self.system_prompt:
-            raise ValueError("template 'plain' takes no system prompt; set system_prompt to null")
+            raise invalid("system_prompt", "template 'plain' takes no system prompt; set system_prompt to null")
         if self.end_of_turn is not None and self.template != "tokenizer":
-            raise ValueError("end_of_turn only applies to template 'tokenizer'; named templates define their own")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "template": self.template,
-            "num_image_tokens": self.num_image_tokens,
-            "image_token": self.image_token,
-            "system_prompt": self.system_prompt,
-            "end_of_turn": self.end_of_turn,
-            "image": self.image.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ProcessorConfig":
-        d = dict(d)
-        version = d.pop("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise ValueError(f"processor config format_version {version} is not supported (expected {FORMAT_VERSION})")
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown processor config keys {sorted(unknown)}")
-        return cls(**d)
+            raise invalid("end_of_turn", "only applies to template 'tokenizer'; named templates define their own")
 
 
 class LlavaSmoeProcessor:
@@ -138,10 +113,12 @@ class LlavaSmoeProcessor:
 
     # ---- text -------------------------------------------------------------------------------
     def _messages(self, conversation: Sequence[Any]) -> list[Message]:
-        messages = normalize_messages(conversation)
+        return self._with_system(normalize_messages(conversation))
+
+    def _with_system(self, messages: Sequence[Message]) -> list[Message]:
         if self.config.system_prompt is not None and not (messages and messages[0].role == "system"):
-            messages.insert(0, Message("system", self.config.system_prompt))
-        return messages
+            return [Message("system", self.config.system_prompt), *messages]
+        return list(messages)
 
     def render_segments(self, conversation: Sequence[Any], *, add_generation_prompt: bool = False) -> list[Segment]:
         """The prompt as text segments flagged supervised / masked (useful for inspection)."""
@@ -182,12 +159,17 @@ class LlavaSmoeProcessor:
     def encode_conversation(self, conversations: Sequence[Any], has_image: bool | int = False) -> dict[str, torch.Tensor]:
         """A training sample: `input_ids` and `labels` (IGNORE_INDEX except on assistant text and
         its end-of-turn marker). `has_image` may also be an image count."""
-        messages = self._messages(conversations)
+        messages = normalize_messages(conversations)
         check_turn_order(messages)
+        return self.encode_messages(messages, int(has_image))
+
+    def encode_messages(self, messages: Sequence[Message], num_images: int) -> dict[str, torch.Tensor]:
+        """`encode_conversation` for messages already checked (a dataset validates records once)."""
+        messages = self._with_system(messages)
         segments = self.template.render_segments(
             messages, add_generation_prompt=False, bos=self.tokenizer.bos_token, eos=self.tokenizer.eos_token
         )
-        input_ids, labels = self._tokenize(segments, int(has_image))
+        input_ids, labels = self._tokenize(segments, num_images)
         return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
     def build_generation_prompt(
@@ -228,7 +210,7 @@ class LlavaSmoeProcessor:
         os.makedirs(directory, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
+            json.dump({"format_version": FORMAT_VERSION, **dump(self.config)}, f, indent=2)
             f.write("\n")
 
     @classmethod
@@ -240,6 +222,10 @@ class LlavaSmoeProcessor:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: {directory} was not written by LlavaSmoeProcessor.save_pretrained")
         with open(path) as f:
-            config = ProcessorConfig.from_dict(json.load(f))
+            data = json.load(f)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"format_version {version} is not supported (expected {FORMAT_VERSION})", (path,))
+        config = parse(ProcessorConfig, data, (path,))
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
         return cls(tokenizer, config)

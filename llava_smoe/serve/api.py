@@ -13,7 +13,11 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from llava_smoe.serve.config import ServerLimits, add_engine_arguments, engine_config_from_args
+from llava_smoe.serve.config import (
+    ServerLimits,
+    add_engine_arguments,
+    engine_config_from_args,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -1,7 +1,7 @@
 """Serving configs: the engine (model, device, batching) and the HTTP server's limits.
 
-Plain dataclasses validated at construction, importable without torch so the CLI's argument
-parsing stays fast.
+Configs validated at construction, importable without torch so the CLI's argument parsing
+stays fast.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from llava_smoe.config import Config, invalid
+from llava_smoe.pretrained import DTYPES, DTypeChoice
+
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(Config):
     """How a checkpoint is loaded and run.
 
     device "auto" picks CUDA when available; dtype "auto" is bfloat16 on CUDA, float32 on CPU.
@@ -29,32 +31,29 @@ class EngineConfig:
 
     checkpoint: str
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: DTypeChoice = "auto"
     max_batch_size: int = 8
     max_context: int | None = None
     default_max_new_tokens: int = 256
     attn_implementation: str = "sdpa"
     num_threads: int | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not os.path.isdir(self.checkpoint):
-            raise ValueError(f"checkpoint {self.checkpoint!r} is not a folder (expected a save_pretrained output)")
+            raise invalid("checkpoint", f"{self.checkpoint!r} is not a folder (expected a save_pretrained output)")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise invalid("device", f"must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
         for name in ("max_batch_size", "default_max_new_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
-            raise ValueError(f"num_threads must be a positive int or None, got {self.num_threads!r}")
-        if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 2):
-            raise ValueError(f"max_context must be an int >= 2 or None (the model's own), got {self.max_context!r}")
+            if getattr(self, name) < 1:
+                raise invalid(name, f"must be a positive int, got {getattr(self, name)!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise invalid("num_threads", f"must be a positive int or None, got {self.num_threads!r}")
+        if self.max_context is not None and self.max_context < 2:
+            raise invalid("max_context", f"must be an int >= 2 or None (the model's own), got {self.max_context!r}")
 
 
 @dataclass
-class ServerLimits:
+class ServerLimits(Config):
     """What one HTTP request may ask for; anything over is refused with a 4xx, never truncated.
 
     max_concurrent_requests: requests in flight (streaming ones until their last chunk);
@@ -73,17 +72,16 @@ class ServerLimits:
     remote_image_timeout_s: float = 10.0
     file_url_roots: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_tokens", "max_concurrent_requests"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"limit {name} must be a positive int, got {value!r}")
-        if not isinstance(self.max_images, int) or self.max_images < 0:
-            raise ValueError(f"limit max_images must be an int >= 0, got {self.max_images!r}")
+            if getattr(self, name) < 1:
+                raise invalid(name, f"limit must be a positive int, got {getattr(self, name)!r}")
+        if self.max_images < 0:
+            raise invalid("max_images", f"limit must be an int >= 0, got {self.max_images!r}")
         roots = []
         for root in self.file_url_roots:
             if not os.path.isdir(root):
-                raise ValueError(f"file URL root {root!r} is not a folder")
+                raise invalid("file_url_roots", f"file URL root {root!r} is not a folder")
             roots.append(os.path.realpath(root))
         self.file_url_roots = roots
 

@@ -225,19 +225,16 @@ class Engine:
     """Loads a checkpoint (model + processor) and serves generation requests from a worker thread."""
 
     def __init__(self, config: EngineConfig):
-        from llava_smoe.model import load_model
         from llava_smoe.moe import moe_layers
-        from llava_smoe.processing import LlavaSmoeProcessor
+        from llava_smoe.pretrained import load_pretrained
 
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.device = torch.device(_resolve_device(config.device))
-        self.dtype = _resolve_dtype(config.dtype, self.device)
-        self.processor = LlavaSmoeProcessor.from_pretrained(config.checkpoint)
-        self.model = load_model(config.checkpoint, dtype=self.dtype, device=self.device,
-                                attn_implementation=config.attn_implementation)
-        self._check_processor_matches_model()
+        self.model, self.processor = load_pretrained(config.checkpoint, dtype=config.dtype, device=config.device,
+                                                     attn_implementation=config.attn_implementation)
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
         model_context = int(self.model.config.text_config.max_position_embeddings)
         if config.max_context is not None and config.max_context > model_context:
             raise ValueError(
@@ -254,18 +251,6 @@ class Engine:
     @property
     def model_name(self) -> str:
         return os.path.basename(os.path.normpath(self.config.checkpoint))
-
-    def _check_processor_matches_model(self) -> None:
-        cfg, proc = self.model.config, self.processor
-        problems = []
-        if proc.image_token_id != cfg.image_token_id:
-            problems.append(f"image token id {proc.image_token_id} (processor) vs {cfg.image_token_id} (model)")
-        if proc.num_image_tokens != cfg.num_image_tokens:
-            problems.append(f"tokens per image {proc.num_image_tokens} (processor) vs {cfg.num_image_tokens} (model)")
-        if len(proc.tokenizer) > cfg.text_config.vocab_size:
-            problems.append(f"tokenizer has {len(proc.tokenizer)} tokens, model vocabulary {cfg.text_config.vocab_size}")
-        if problems:
-            raise ValueError(f"{self.config.checkpoint}: processor and model disagree: " + "; ".join(problems))
 
     # -- requests -------------------------------------------------------------------------------
     def submit(self, turns: Sequence[Turn], params: SamplingParams | None = None, *,
@@ -441,17 +426,3 @@ def _routing_table(stats: dict[str, dict]) -> list[dict[str, Any]]:
          "image": [int(c) for c in s.get("tokens_per_expert_image", [])]}
         for name, s in stats.items() if name != "all"
     ]
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
-    return device
-
-
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)

@@ -1,22 +1,22 @@
 """Training engine: recipes, tasks, one loop over two back ends (PyTorch / DeepSpeed).
 
-Import-light on purpose: DeepSpeed and TensorBoard are imported only where they are used.
+Import-light on purpose: names load on first use, and DeepSpeed and TensorBoard are imported
+only where they are used.
 """
 
-from llava_smoe.training.config import ConfigError, OptimConfig, ParamGroupConfig, RunConfig, TrainConfig
-from llava_smoe.training.recipe import load_recipe, parse_overrides
-from llava_smoe.training.tasks import TaskParts, available_tasks, get_task, register_task
+from __future__ import annotations
 
-__all__ = [
-    "ConfigError",
-    "OptimConfig",
-    "ParamGroupConfig",
-    "RunConfig",
-    "TaskParts",
-    "TrainConfig",
-    "available_tasks",
-    "get_task",
-    "load_recipe",
-    "parse_overrides",
-    "register_task",
-]
+from llava_smoe._lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "OptimConfig": "config",
+    "ParamGroupConfig": "config",
+    "RunConfig": "config",
+    "TrainConfig": "config",
+    "load_recipe": "recipe",
+    "parse_overrides": "recipe",
+    "TaskParts": "tasks",
+    "available_tasks": "tasks",
+    "get_task": "tasks",
+    "register_task": "tasks",
+})

@@ -44,7 +44,7 @@ class Backend(Protocol):
 
     def accumulation(self, is_boundary: bool) -> contextlib.AbstractContextManager: ...
     def forward(self, batch: Any) -> Any: ...
-    def backward(self, loss: torch.Tensor, is_boundary: bool) -> None: ...
+    def backward(self, loss: torch.Tensor, is_boundary: bool) -> None: ...  # loss already scaled for accumulation
     def grad_norm_before_step(self) -> torch.Tensor | None: ...  # clips when the back end clips here
     def step(self) -> torch.Tensor | float | None: ...  # applies the update; the grad norm if known
     def skip_step(self) -> None: ...  # discards the accumulated gradients
@@ -86,7 +86,7 @@ class TorchBackend:
             return call_model(self.wrapped, batch)
 
     def backward(self, loss: torch.Tensor, is_boundary: bool) -> None:
-        (loss / self.train.grad_accum).backward()
+        loss.backward()
 
     def grad_norm_before_step(self) -> torch.Tensor:
         max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")

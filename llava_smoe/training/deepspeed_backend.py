@@ -17,9 +17,10 @@ from deepspeed.utils import set_z3_leaf_modules
 from safetensors.torch import save_file
 from torch import nn
 
+from llava_smoe.config import ConfigError
 from llava_smoe.moe import MoELayer, moe_layers
 from llava_smoe.training.backends import MODEL_FILE, call_model
-from llava_smoe.training.config import ConfigError, TrainConfig
+from llava_smoe.training.config import TrainConfig
 from llava_smoe.training.distributed import DistInfo
 
 ENGINE_DIR = "deepspeed"
@@ -109,7 +110,7 @@ class DeepSpeedBackend:
         return call_model(self.engine, batch)
 
     def backward(self, loss: torch.Tensor, is_boundary: bool) -> None:
-        self.engine.backward(loss)  # scales by 1/grad_accum itself
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer scaled it for the accumulation
         if not is_boundary:
             self.engine.step()  # bookkeeping only; the update happens at the boundary
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llava_smoe.training.config import ConfigError, OptimConfig
+from llava_smoe.config import ConfigError
+from llava_smoe.training.config import OptimConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """YAML recipes: `base:` inheritance plus dotted command-line overrides.
 
-    llava-smoe train recipes/stage3.yaml train.max_steps=100 optim.groups.0.lr=2e-5
+    llava-smoe train train/llava15/moe.yaml train.max_steps=100 optim.groups.0.lr=2e-5
 
 An override's value is parsed as a YAML scalar (or flow list / mapping: `optim.betas=[0.9,0.95]`).
 Integer path parts index into lists. Unknown keys are rejected when the dict becomes a
@@ -15,14 +15,15 @@ from typing import Any
 
 import yaml
 
-from llava_smoe.training.config import ConfigError, RunConfig
+from llava_smoe.config import ConfigError
+from llava_smoe.training.config import RunConfig
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a recipe (following `base:` chains), apply `key.sub=value` overrides, validate."""
     data = load_recipe_dict(path)
     apply_overrides(data, parse_overrides(overrides))
-    return RunConfig.from_dict(data)
+    return RunConfig.parse(data)
 
 
 def load_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

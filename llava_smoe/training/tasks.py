@@ -1,9 +1,10 @@
 """Tasks: what the trainer trains, built from the recipe section named by `task:`.
 
-A task is a config dataclass plus a builder returning `TaskParts`:
+A task is a config class plus a builder returning `TaskParts`, in one module of
+`llava_smoe/tasks/` (imported when a recipe names it):
 
     @dataclass
-    class MyTaskConfig:
+    class MyTaskConfig(Config):
         data_path: str
         seq_len: int = 512
 
@@ -14,7 +15,12 @@ A task is a config dataclass plus a builder returning `TaskParts`:
 Contract with the trainer:
 - `model(**batch)` (or `model(batch)` when the collated batch is not a mapping) returns an
   object with `.loss`, the language-model loss only; MoE auxiliary losses are collected by the
-  trainer from the model's `MoELayer`s.
+  trainer from the model's `MoELayer`s. A batch holds the model's keyword arguments and nothing
+  else, except `skipped` (samples a data policy dropped, counted by the trainer).
+- Token-weighted loss: when `count_loss_items(batch)` gives a count (supervised tokens), the
+  model takes `num_items_in_batch` and returns the *sum* of its token losses divided by it; the
+  trainer passes the step's total over every micro-batch and rank, so the loss is the mean over
+  the step's tokens. Tasks without it (None: CLIP's contrastive loss) average per micro-batch.
 - Datasets are map-style and deterministic per index (the sampler restarts mid-epoch on resume).
 - `export_fn(model, out_dir)` writes the final artefact (e.g. `save_pretrained`); it runs on
   rank 0 with full weights (gathered first under ZeRO-3).
@@ -34,18 +40,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from llava_smoe.training.config import ConfigError, build_dataclass
+from llava_smoe.config import ConfigError
 
 if TYPE_CHECKING:
     from llava_smoe.training.config import RunConfig
 
-# Tasks that ship with the package, imported on first use so that registering costs nothing.
+# Tasks that ship with the package (llava_smoe/tasks/, and the toy task of llava_smoe/testing),
+# imported when a recipe names them so that registering costs nothing.
 _BUILTIN_TASK_MODULES: dict[str, str] = {
-    "toy": "llava_smoe.training.toy",
-    "lm": "llava_smoe.lm.task",
-    "vlm": "llava_smoe.training.vlm_task",
-    "clip": "llava_smoe.training.clip_task",
+    "clip": "llava_smoe.tasks.clip",
+    "lm": "llava_smoe.tasks.lm",
+    "vlm": "llava_smoe.tasks.vlm",
+    "toy": "llava_smoe.testing.toy",
 }
+IGNORE_INDEX = -100
 
 
 def default_count_tokens(batch: Any) -> int:
@@ -57,6 +65,12 @@ def default_count_tokens(batch: Any) -> int:
     return 0
 
 
+def count_supervised_tokens(batch: Any) -> int:
+    """Tokens a causal LM's loss is taken on: labels other than IGNORE_INDEX, after the shift
+    (position t predicts token t + 1, so the first position of each row predicts nothing)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 @dataclass
 class TaskParts:
     model: nn.Module
@@ -65,6 +79,7 @@ class TaskParts:
     eval_dataset: Dataset | None = None
     export_fn: Callable[[nn.Module, Path], None] | None = None
     count_tokens: Callable[[Any], int] = default_count_tokens
+    count_loss_items: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +89,10 @@ class Task:
     build_fn: Callable[[Any, RunConfig], TaskParts]
 
     def build(self, run: RunConfig) -> TaskParts:
-        config = build_dataclass(self.config_cls, run.task_options, self.name)
-        parts = self.build_fn(config, run)
+        try:
+            parts = self.build_fn(run.task_config, run)
+        except ConfigError as exc:  # a builder's errors are about its own section
+            raise exc.within(self.name) if exc.path else exc from None
         if not isinstance(parts, TaskParts):
             raise TypeError(f"task {self.name!r} returned {type(parts).__name__}, expected TaskParts")
         return parts

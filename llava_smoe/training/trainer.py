@@ -1,8 +1,14 @@
 """The training loop, shared by both back ends.
 
-Per optimizer step: `grad_accum` micro-batches of forward + backward (loss = LM loss + MoE aux
-losses), one all-reduce of a small vector of step statistics and one host sync, then either
-the update or, for a non-finite loss / gradient norm, a skipped step.
+Per optimizer step: `grad_accum` micro-batches of forward + backward, one all-reduce of a small
+vector of step statistics and one host sync, then either the update or, for a non-finite loss /
+gradient norm, a skipped step.
+
+The loss of a step is the LM loss as the mean over every supervised token of the step (all
+micro-batches and ranks: summed token losses over the step's token count, which one all-reduce
+before the forwards gives), plus the MoE aux losses as per-forward means averaged over the
+micro-batches. So micro-batch size, accumulation and the number of processes do not change what
+a step computes; tasks whose loss is not per token (CLIP) average over micro-batches instead.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader
 
+from llava_smoe.config import ConfigError
 from llava_smoe.data import ModalityLengthGroupedSampler
 from llava_smoe.moe import (
     aux_loss_names,
@@ -45,11 +52,24 @@ from llava_smoe.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from llava_smoe.training.config import ConfigError, RunConfig
-from llava_smoe.training.data import ResumableSampler, ShardedEvalSampler, modality_lengths
+from llava_smoe.training.config import RunConfig
+from llava_smoe.training.data import (
+    ResumableSampler,
+    ShardedEvalSampler,
+    modality_lengths,
+)
 from llava_smoe.training.distributed import DistInfo
-from llava_smoe.training.metrics import METRICS_FILE, MetricsLogger, flatten_routing, truncate_metrics
-from llava_smoe.training.optim import WarmupCosineSchedule, build_optimizer, build_param_groups
+from llava_smoe.training.metrics import (
+    METRICS_FILE,
+    MetricsLogger,
+    flatten_routing,
+    truncate_metrics,
+)
+from llava_smoe.training.optim import (
+    WarmupCosineSchedule,
+    build_optimizer,
+    build_param_groups,
+)
 from llava_smoe.training.tasks import TaskParts, get_task
 
 log = logging.getLogger(__name__)
@@ -165,6 +185,7 @@ class Trainer:
         # Fixed for the run so every step (and rank) reduces the same vector; a step may
         # produce fewer (CompeteSMoE's competition losses exist only on competition steps).
         self._aux_names = aux_loss_names(self.module)
+        self._moe_layers = [layer for _, layer in moe_layers(self.module)]  # found once, not per forward
         self.skipped_samples: Counter[str] = Counter()  # by reason, this process, since start
 
     def _build_sampler(self, dataset) -> ResumableSampler | ModalityLengthGroupedSampler:
@@ -300,32 +321,49 @@ class Trainer:
         logger.write(message)
         return result
 
+    def _loss_items(self, micro: list[Any]) -> float | None:
+        """The step's supervised tokens over every micro-batch and rank (None: the task's loss is
+        not per token). Counted on the host before the batches move; one scalar all-reduce."""
+        count = self.parts.count_loss_items
+        if count is None:
+            return None
+        total = torch.tensor(float(sum(count(b) for b in micro)), device=self.dist.device)
+        if self.dist.enabled and self.dist.world_size > 1:
+            dist.all_reduce(total)
+        return max(total.item(), 1.0)  # a step without supervised tokens has an LM loss of 0
+
     def _accumulate(self, batches: Iterator[Any]) -> tuple[float, dict[str, float], int, int, float | None]:
         """Forward/backward over grad_accum micro-batches; one all-reduce and one host sync."""
-        ga = self.cfg.grad_accum
-        sums: torch.Tensor | None = None
-        tokens = 0
-        for i in range(ga):
-            batch = next(batches)
+        ga, world = self.cfg.grad_accum, self.dist.world_size
+        micro = [next(batches) for _ in range(ga)]
+        for batch in micro:
             if isinstance(batch, dict) and "skipped" in batch:  # samples a data policy dropped
                 self.skipped_samples.update(batch.pop("skipped"))
-            tokens += self.parts.count_tokens(batch)
+        tokens = sum(self.parts.count_tokens(b) for b in micro)
+        items = self._loss_items(micro)
+        sums: torch.Tensor | None = None
+        for i, batch in enumerate(micro):
             batch = to_device(batch, self.dist.device)
+            if items is not None:
+                # The loss comes back as summed token losses / (step tokens / world): data-parallel
+                # gradient averaging then makes it the mean over the step's tokens.
+                batch["num_items_in_batch"] = items / world
             boundary = i == ga - 1
             with self.backend.accumulation(boundary):
                 out = self.backend.forward(batch)
-                aux = collect_aux_losses(self.module)
+                aux = collect_aux_losses(self._moe_layers)
                 undeclared = set(aux) - set(self._aux_names)
                 if undeclared:
                     raise RuntimeError(f"MoE layers returned undeclared aux losses {sorted(undeclared)}; "
                                        f"declared: {self._aux_names} (see Router.aux_loss_names)")
-                total = out.loss + sum(aux.values()) if aux else out.loss
+                lm_loss = out.loss if items is not None else out.loss / ga
+                total = lm_loss + sum(aux.values()) / ga if aux else lm_loss
                 self.backend.backward(total, boundary)
             zero = out.loss.detach().float().new_zeros(())
-            parts = torch.stack([out.loss.detach().float(), *(aux[k].detach().float() if k in aux else zero
-                                                              for k in self._aux_names)])
+            parts = torch.stack([lm_loss.detach().float(), *(aux[k].detach().float() / ga if k in aux else zero
+                                                             for k in self._aux_names)])
             sums = parts if sums is None else sums + parts
-        vec = torch.cat([sums / ga, torch.tensor([float(tokens), float(self._stop_requested)], device=sums.device)])
+        vec = torch.cat([sums, torch.tensor([float(tokens), float(self._stop_requested)], device=sums.device)])
         if self.dist.enabled and self.dist.world_size > 1:
             dist.all_reduce(vec)
             vec[:-2] /= self.dist.world_size
@@ -344,7 +382,7 @@ class Trainer:
         totals = torch.zeros(2, device=self.dist.device)
         for batch in self.eval_loader:
             out = self.backend.forward(to_device(batch, self.dist.device))
-            collect_aux_losses(self.module)
+            collect_aux_losses(self._moe_layers)
             totals += torch.stack([out.loss.detach().float(), torch.ones((), device=totals.device)])
         if self.dist.enabled and self.dist.world_size > 1:
             dist.all_reduce(totals)

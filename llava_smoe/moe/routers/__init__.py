@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 
 _REGISTRY: dict[str, type] = {}
-_BUILTIN = ("smoe", "competesmoe", "remoe", "mot", "xmoe", "sigmoid")
+# The routers that ship with the package (their modules are imported on first use).
+BUILTIN_ROUTERS = ("smoe", "competesmoe", "remoe", "mot", "xmoe", "sigmoid")
 _loaded = False
 
 
@@ -28,7 +29,7 @@ def _load_builtin() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        for mod in _BUILTIN:
+        for mod in BUILTIN_ROUTERS:
             importlib.import_module(f"{__name__}.{mod}")
 
 

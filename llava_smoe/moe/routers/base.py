@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava_smoe.config import Config, invalid
+
 from ..experts import GroupedExperts, dispatch_topk
 
 if TYPE_CHECKING:
@@ -26,34 +28,21 @@ NUM_TOKEN_GROUPS = 2  # routing statistics are split by token modality: 0 = text
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over data-parallel ranks
 
 
-def router_options(cls):
-    """Make `cls` a dataclass whose constructor rejects unknown options with a helpful message."""
-    cls = dataclass(cls)
-    init = cls.__init__
+@dataclass
+class RouterOptions(Config):
+    """A router's options (`MoEConfig.router_options`); each router extends this config."""
 
-    def __init__(self, **kwargs):
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - valid)
-        if unknown:
-            raise ValueError(
-                f"unknown router option(s) {unknown} for {cls.__qualname__}; valid options: {sorted(valid)}"
-            )
-        init(self, **kwargs)
-
-    cls.__init__ = __init__
-    return cls
-
-
-@router_options
-class RouterOptions:
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
 
-    def validate(self, config: "MoEConfig") -> None:
+    def validate(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name.endswith("_coef") and (not isinstance(v, (int, float)) or v < 0):
-                raise ValueError(f"router option {f.name} must be a number >= 0, got {v!r}")
+            if f.name.endswith("_coef") and v < 0:
+                raise invalid(f.name, f"must be a number >= 0, got {v!r}")
+
+    def check(self, config: "MoEConfig") -> None:
+        """Checks against the layer's MoE config (e.g. an option that needs top_k >= 2)."""
 
 
 @dataclass
@@ -63,6 +52,13 @@ class RouteCall:
     impl: str  # "grouped" or "loop"
     batch_shape: tuple[int, ...]  # leading dims of the layer input (B, S) or (T,)
     token_groups_T: torch.Tensor | None = None  # long, 0 = text, 1 = image
+
+
+def load_cv(counts_E: torch.Tensor) -> float:
+    """Coefficient of variation of the tokens each expert received (0: perfectly even)."""
+    counts_E = counts_E.double()
+    mean = counts_E.mean().item()
+    return counts_E.std(unbiased=False).item() / mean if mean > 0 else 0.0
 
 
 class RoutingStats:
@@ -93,7 +89,7 @@ class RoutingStats:
             out["tokens_per_expert"] = counts_E.tolist()
             out["tokens_per_expert_text"] = counts_GE[0].tolist()
             out["tokens_per_expert_image"] = counts_GE[1].tolist()
-            out["load_cv"] = (counts_E.std(unbiased=False).item() / mean) if mean > 0 else 0.0
+            out["load_cv"] = load_cv(counts_E)
             out["max_over_mean_load"] = (counts_E.max().item() / mean) if mean > 0 else 0.0
             out["dead_experts"] = int((counts_E == 0).sum().item())
         if "tokens" in acc and "entropy_sum" in acc and acc["tokens"].item() > 0:
@@ -120,7 +116,7 @@ class Router(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.layer_idx = layer_idx
-        self.opts = self.Options(**config.router_options)
+        self.opts = config.options
         self.stats = RoutingStats(config.num_experts)
 
     def forward(self, x_TD: torch.Tensor, experts: GroupedExperts, call: RouteCall):

@@ -12,15 +12,19 @@ lengthened run keeps it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
+from llava_smoe.config import invalid
+
 from . import register_router
-from .base import RouteCall, RouterOptions, balance_loss, router_options, softmax_topk_gate
+from .base import RouteCall, RouterOptions, balance_loss, softmax_topk_gate
 from .smoe import SMoERouter
 
 _MASK64 = (1 << 64) - 1
-AFFINITIES = ("softplus", "l2")
 
 
 def _splitmix64(x: int) -> int:
@@ -36,6 +40,13 @@ def schedule_uniform(seed: int, step: int, layer: int) -> float:
     return (x >> 11) / float(1 << 53)
 
 
+def neural_response(y_TED: torch.Tensor, affinity: str) -> torch.Tensor:
+    """Each expert's response to each token, [T, E]: mean_d softplus(Y) or ||Y||_2 (fp32)."""
+    if affinity == "softplus":
+        return F.softplus(y_TED.float()).mean(-1)
+    return y_TED.float().norm(dim=-1)
+
+
 def competing_layers(
     seed: int, step: int, num_layers: int, total_steps: int, warmup_fraction: float, prob: float, max_layers: int
 ) -> list[int]:
@@ -47,30 +58,30 @@ def competing_layers(
     return sorted(layer for _, layer in winners)
 
 
-@router_options
+@dataclass
 class CompeteSMoEOptions(RouterOptions):
     distill_coef: float = 0.01
     diversity_coef: float = 0.01
     competition_balance_coef: float = 0.01
     hybrid_coef: float = 0.0
-    affinity: str = "softplus"  # "softplus": mean_d softplus(Y); "l2": ||Y||_2 (2024 version)
+    affinity: Literal["softplus", "l2"] = "softplus"  # "softplus": mean_d softplus(Y); "l2": ||Y||_2 (2024)
     warmup_fraction: float = 0.05
     competition_prob: float = 0.05
     max_competing_layers: int = 3
     seed: int = 0
 
-    def validate(self, config) -> None:
-        super().validate(config)
-        if self.affinity not in AFFINITIES:
-            raise ValueError(f"competesmoe affinity must be one of {AFFINITIES}, got {self.affinity!r}")
+    def validate(self) -> None:
+        super().validate()
         if not 0.0 <= self.warmup_fraction <= 1.0:
-            raise ValueError(f"competesmoe warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+            raise invalid("warmup_fraction", f"must be in [0, 1], got {self.warmup_fraction}")
         if not 0.0 <= self.competition_prob <= 1.0:
-            raise ValueError(f"competesmoe competition_prob must be in [0, 1], got {self.competition_prob}")
-        if not isinstance(self.max_competing_layers, int) or self.max_competing_layers < 0:
-            raise ValueError(f"competesmoe max_competing_layers must be an integer >= 0, got {self.max_competing_layers}")
+            raise invalid("competition_prob", f"must be in [0, 1], got {self.competition_prob}")
+        if self.max_competing_layers < 0:
+            raise invalid("max_competing_layers", f"must be an integer >= 0, got {self.max_competing_layers}")
+
+    def check(self, config) -> None:
         if config.top_k < 2 and self.diversity_coef > 0:
-            raise ValueError("competesmoe diversity_coef needs top_k >= 2 (it compares pairs of selected experts); set it to 0")
+            raise invalid("diversity_coef", "needs top_k >= 2 (it compares pairs of selected experts); set it to 0")
 
 
 @register_router("competesmoe")
@@ -143,10 +154,7 @@ class CompeteSMoERouter(SMoERouter):
     def _compete(self, x_TD, experts, call: RouteCall):
         o, K = self.opts, self.top_k
         y_TED = experts.forward_all(x_TD)  # every expert once: E evaluations, reused below
-        if o.affinity == "softplus":
-            affinity_TE = F.softplus(y_TED.float()).mean(-1)
-        else:
-            affinity_TE = y_TED.float().norm(dim=-1)
+        affinity_TE = neural_response(y_TED, o.affinity)
         top_a_TK, idx_TK = affinity_TE.topk(K, dim=-1)
         weights_TK = top_a_TK / top_a_TK.sum(-1, keepdim=True).clamp_min(1e-12)
         D = y_TED.shape[-1]

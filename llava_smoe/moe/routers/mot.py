@@ -5,23 +5,27 @@ language modelling stays valid (no token sees another position). For each expert
 tokens are mixed with softmax weights over the group, the expert runs once on the mixture, and
 each token receives its share back. Dense batched matmuls: no sorting, nothing dropped.
 
-Serving must not mix different users' requests: `to_token_choice` converts a trained layer to
+Serving must not mix different users' requests: `to_token_choice_router` (through
+`llava_smoe.moe.convert_mot_to_token_choice`, or a `vlm` stage's `mot_to_token_choice`) converts a trained layer to
 token-choice sparse routing initialised from the controller ("transition tuning").
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava_smoe.config import invalid
+
 from . import register_router
-from .base import RouteCall, Router, RouterOptions, router_options
+from .base import RouteCall, Router, RouterOptions
 
 
-@router_options
+@dataclass
 class MoTOptions(RouterOptions):
     balance_coef: float = 0.0  # every expert sees every group: nothing to balance
     z_loss_coef: float = 0.0
@@ -29,19 +33,19 @@ class MoTOptions(RouterOptions):
     temperature: float = 1.0
     learnable_temperature: bool = False
 
-    def validate(self, config) -> None:
-        super().validate(config)
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"mot group_size must be a positive integer, got {self.group_size!r}")
+    def validate(self) -> None:
+        super().validate()
+        if self.group_size < 1:
+            raise invalid("group_size", f"must be a positive integer, got {self.group_size!r}")
         if self.temperature <= 0:
-            raise ValueError(f"mot temperature must be > 0, got {self.temperature}")
+            raise invalid("temperature", f"must be > 0, got {self.temperature}")
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.group_size:
             raise ValueError(
                 f"Mixture of Tokens mixes groups of {self.group_size} sequences, but the batch has "
                 f"{batch_size} sequences: use a batch size divisible by router_options.group_size, "
-                "or convert the model to token-choice routing for inference (to_token_choice)"
+                "or convert the model to token-choice routing for inference (convert_mot_to_token_choice)"
             )
 
 

@@ -7,15 +7,19 @@ sparsity (over layers, micro-batches and ranks), steers sparsity towards 1 - k/E
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from . import register_router
-from .base import RouteCall, Router, RouterOptions, router_options
+from llava_smoe.config import invalid
+
 from ..experts import dispatch_pairs
+from . import register_router
+from .base import RouteCall, Router, RouterOptions
 
 
-@router_options
+@dataclass
 class ReMoEOptions(RouterOptions):
     balance_coef: float = 0.0  # unused: the L1 term balances load
     z_loss_coef: float = 0.0
@@ -23,14 +27,14 @@ class ReMoEOptions(RouterOptions):
     alpha: float = 1.2
     target_sparsity: float | None = None  # default 1 - k/E
 
-    def validate(self, config) -> None:
-        super().validate(config)
+    def validate(self) -> None:
+        super().validate()
         if self.lambda_init <= 0:
-            raise ValueError(f"remoe lambda_init must be > 0, got {self.lambda_init}")
+            raise invalid("lambda_init", f"must be > 0, got {self.lambda_init}")
         if self.alpha <= 1.0:
-            raise ValueError(f"remoe alpha must be > 1, got {self.alpha}")
+            raise invalid("alpha", f"must be > 1, got {self.alpha}")
         if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
-            raise ValueError(f"remoe target_sparsity must be in [0, 1), got {self.target_sparsity}")
+            raise invalid("target_sparsity", f"must be in [0, 1), got {self.target_sparsity}")
 
 
 @register_router("remoe")

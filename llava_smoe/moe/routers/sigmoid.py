@@ -7,24 +7,28 @@ of underloaded experts goes up by a fixed rate.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from llava_smoe.config import invalid
+
 from . import register_router
-from .base import Gate, RouterOptions, TokenChoiceRouter, balance_loss, router_options
+from .base import Gate, RouterOptions, TokenChoiceRouter, balance_loss
 
 
-@router_options
+@dataclass
 class SigmoidOptions(RouterOptions):
     balance_coef: float = 0.0  # the bias balances load; a small value adds a balance loss too
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.001
     scale: float = 1.0  # routed scaling factor applied to the renormalised weights
 
-    def validate(self, config) -> None:
-        super().validate(config)
+    def validate(self) -> None:
+        super().validate()
         if self.bias_update_rate < 0:
-            raise ValueError(f"sigmoid bias_update_rate must be >= 0, got {self.bias_update_rate}")
+            raise invalid("bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
 
 
 @register_router("sigmoid")

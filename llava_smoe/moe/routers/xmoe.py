@@ -6,26 +6,37 @@ scores bounded, which counters representation collapse onto a few experts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava_smoe.config import invalid
+
 from . import register_router
-from .base import Gate, RouterOptions, TokenChoiceRouter, balance_loss, router_options, softmax_topk_gate, z_loss
+from .base import (
+    Gate,
+    RouterOptions,
+    TokenChoiceRouter,
+    balance_loss,
+    softmax_topk_gate,
+    z_loss,
+)
 
 
-@router_options
+@dataclass
 class XMoEOptions(RouterOptions):
     z_loss_coef: float = 0.0  # cosine logits are bounded by 1 / temperature
     proj_dim: int = 16
     temperature: float = 0.3
 
-    def validate(self, config) -> None:
-        super().validate(config)
-        if not isinstance(self.proj_dim, int) or self.proj_dim < 1:
-            raise ValueError(f"xmoe proj_dim must be a positive integer, got {self.proj_dim!r}")
+    def validate(self) -> None:
+        super().validate()
+        if self.proj_dim < 1:
+            raise invalid("proj_dim", f"must be a positive integer, got {self.proj_dim!r}")
         if self.temperature <= 0:
-            raise ValueError(f"xmoe temperature must be > 0, got {self.temperature}")
+            raise invalid("temperature", f"must be > 0, got {self.temperature}")
 
 
 @register_router("xmoe")

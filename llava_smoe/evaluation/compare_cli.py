@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from llava_smoe.lm.compare import compare_runs
+    from llava_smoe.evaluation.compare import compare_runs
 
     try:
         written = compare_runs(args.runs, args.out)

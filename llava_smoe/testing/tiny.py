@@ -1,12 +1,21 @@
-"""Tiny model configs (random weights, CPU, seconds): for tests and smoke runs of every stage.
+"""Tiny models (random weights, CPU, seconds): for tests and smoke runs of every stage.
 
-`tiny_model_config(...)` returns the same kind of dict a training recipe passes to
-`build_model`, with every part built from a config instead of a checkpoint.
+`tiny_model_config(...)` returns the same kind of dict a training recipe's `vlm.model` holds,
+with every part built from a config instead of a checkpoint; `save_tiny_checkpoint` writes a
+whole checkpoint (model + processor) that the front ends load like any other.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+CORPUS = [
+    "What shape is in the image? A red circle on the left.",
+    "How many squares are there? There are two blue squares.",
+    "Describe the picture. A green triangle above a yellow star.",
+    "Is the circle bigger than the square? Yes, the circle is bigger.",
+    "Bonjour, ça va? Très bien, merci. Grüße aus Köln.",
+]
 
 TEXT_FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
 VISION_KINDS = ("clip", "siglip", "open_clip")
@@ -71,7 +80,7 @@ def tiny_vision_config(kind: str = "clip", **overrides: Any) -> dict[str, Any]:
 
 def tiny_model_config(vision: str = "clip", family: str = "qwen2", vocab_size: int = 96,
                       image_token_id: int | None = None, **overrides: Any) -> dict[str, Any]:
-    """A `build_model` dict; the image token is the last vocabulary id unless given."""
+    """A `VLMConfig` dict; the image token is the last vocabulary id unless given."""
     cfg: dict[str, Any] = {
         "vision": tiny_vision_config(vision),
         "projector": {"type": "mlp2x_gelu"},
@@ -80,3 +89,40 @@ def tiny_model_config(vision: str = "clip", family: str = "qwen2", vocab_size: i
     }
     cfg.update(overrides)
     return cfg
+
+
+def tiny_processor(template: str = "chatml", image_mode: str = "pad"):
+    """A processor over a BPE trained on CORPUS, for 32 px images of 16 tokens."""
+    from llava_smoe.processing import (
+        ImageProcessingConfig,
+        LlavaSmoeProcessor,
+        ProcessorConfig,
+        train_bpe_tokenizer,
+    )
+
+    tokenizer = train_bpe_tokenizer(CORPUS * 20, vocab_size=400, min_frequency=1)
+    return LlavaSmoeProcessor(tokenizer, ProcessorConfig(
+        template=template, num_image_tokens=16, image=ImageProcessingConfig(image_size=32, mode=image_mode)))
+
+
+def save_tiny_checkpoint(out_dir: str, *, router: str = "smoe", num_experts: int = 4, template: str = "chatml",
+                         max_position_embeddings: int = 512, seed: int = 0) -> str:
+    """Write a 4-layer MoE VLM (every other layer MoE) over 32 px images (16 tokens each) with a
+    locally trained tokenizer; `load_pretrained` and the CLI load it like any checkpoint."""
+    import torch
+
+    from llava_smoe.model import build_model
+    from llava_smoe.pretrained import save_pretrained
+
+    processor = tiny_processor(template)
+    tokenizer = processor.tokenizer
+    vocab = len(tokenizer)
+    config = tiny_model_config(vocab_size=vocab, image_token_id=processor.image_token_id,
+                               moe={"num_experts": num_experts, "top_k": 2, "router": router})
+    config["language_model"] = {"config": tiny_text_config(
+        "qwen2", vocab, max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )}
+    torch.manual_seed(seed)
+    save_pretrained(build_model(config), processor, out_dir)
+    return out_dir

@@ -1,8 +1,9 @@
 """`lm`: language-model pretraining on local text with MoE (or dense) FFNs.
 
 Recipe section `lm:` (see `LMTaskConfig`); `train/lm/tiny.yaml` is a CPU example. The final
-model is written to `OUTPUT_DIR/final` by `save_lm`, loadable with `load_lm` and usable as the
-language model of the multimodal stages. `OUTPUT_DIR/data.json` records the corpus (tokens,
+model is written to `OUTPUT_DIR/final` (`save_language_model`), a transformers folder that
+`load_language_model` loads and a VLM recipe takes as its language model
+(`language_model: {name_or_path: OUTPUT_DIR/final}`), MoE layers included. `OUTPUT_DIR/data.json` records the corpus (tokens,
 documents, skipped documents, cache folder) and the tokens per optimizer step.
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from llava_smoe.lm.data import (
+from llava_smoe.config import Config, ConfigError, invalid
+from llava_smoe.data.text import (
     Format,
     PackedSequences,
     ReadOptions,
@@ -30,10 +32,9 @@ from llava_smoe.lm.data import (
     resolve_files,
     spread_windows,
 )
-from llava_smoe.lm.model import LMModelConfig, build_lm, describe, save_lm
-from llava_smoe.training.config import ConfigError
+from llava_smoe.model.language_model import LMModelConfig, describe, save_language_model
 from llava_smoe.training.distributed import barrier
-from llava_smoe.training.tasks import TaskParts, register_task
+from llava_smoe.training.tasks import TaskParts, count_supervised_tokens, register_task
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ DATA_FILE = "data.json"
 
 
 @dataclass
-class LMTaskConfig:
+class LMTaskConfig(Config):
     """data: text files, directories or globs (.txt/.md, .jsonl, .parquet).
     eval_data: held-out files; without them `eval_fraction` of the sequences (at most
         `max_eval_sequences`, spread evenly over the token stream) is held out; 0 disables
@@ -65,15 +66,15 @@ class LMTaskConfig:
     bpe_vocab_size: int = 512
     cache_dir: str = "~/.cache/llava_smoe/lm_tokens"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.data:
-            raise ConfigError("lm.data is empty: name text files, directories or glob patterns")
+            raise invalid("data", "is empty: name text files, directories or glob patterns")
         if self.seq_len < 2:
-            raise ConfigError(f"lm.seq_len must be >= 2, got {self.seq_len}")
+            raise invalid("seq_len", f"must be >= 2, got {self.seq_len}")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"lm.eval_fraction must lie in [0, 1), got {self.eval_fraction}")
+            raise invalid("eval_fraction", f"must lie in [0, 1), got {self.eval_fraction}")
         if self.max_eval_sequences is not None and self.max_eval_sequences < 1:
-            raise ConfigError(f"lm.max_eval_sequences must be >= 1 or null, got {self.max_eval_sequences}")
+            raise invalid("max_eval_sequences", f"must be >= 1 or null, got {self.max_eval_sequences}")
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(self.format, self.text_field, self.text_split)
@@ -121,8 +122,8 @@ def split_datasets(config: LMTaskConfig, train: TokenCache,
     if config.max_eval_sequences is not None:
         n_eval = min(n_eval, config.max_eval_sequences)
     if total - n_eval < 1:
-        raise ConfigError(f"lm: {train.meta['num_tokens']} tokens make {total} sequences of {L}; nothing is left "
-                          "for training after the held-out part; lower lm.seq_len or add data")
+        raise ConfigError(f"{train.meta['num_tokens']} tokens make {total} sequences of {L}; nothing is left for "
+                          "training after the held-out part; lower lm.seq_len or add data")
     train_windows, eval_windows = held_out_windows(total, n_eval)
     train_set = PackedSequences(train.tokens, L, train_windows)
     return train_set, (PackedSequences(train.tokens, L, eval_windows) if n_eval else None)
@@ -134,11 +135,13 @@ def build_lm_task(config: LMTaskConfig, run) -> TaskParts:
     tokenizer = train_cache.load_tokenizer()
     train_set, eval_set = split_datasets(config, train_cache, eval_cache)
     try:
-        model = build_lm(config.model, vocab_size=len(tokenizer), max_seq_len=config.seq_len,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    except ValueError as exc:
-        raise ConfigError(f"lm.model: {exc}") from None
+        model = config.model.build(vocab_size=len(tokenizer), max_seq_len=config.seq_len,
+                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+    except ConfigError as exc:
+        raise exc.within("model") from None
+    except ValueError as exc:  # transformers' view of the architecture
+        raise ConfigError(str(exc), ("model", "architecture")) from None
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     t = run.train
     info: dict[str, Any] = {
@@ -157,10 +160,10 @@ def build_lm_task(config: LMTaskConfig, run) -> TaskParts:
         (out / DATA_FILE).write_text(json.dumps(info, indent=2))
 
     def export(model, out_dir: Path) -> None:
-        save_lm(model, out_dir, tokenizer)
+        save_language_model(model, out_dir, tokenizer)
 
     return TaskParts(model=model, train_dataset=train_set, eval_dataset=eval_set, collate_fn=collate,
-                     export_fn=export)
+                     export_fn=export, count_loss_items=count_supervised_tokens)
 
 
 def _corpus(cache: TokenCache) -> dict[str, Any]:

@@ -7,9 +7,8 @@ so the next token is predictable from the previous two and the loss falls within
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,30 +17,39 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
+from llava_smoe.config import Config, dump, invalid
 from llava_smoe.moe import MoEConfig, MoELayer
-from llava_smoe.training.config import ConfigError
-from llava_smoe.training.tasks import TaskParts, register_task
+from llava_smoe.training.tasks import (
+    IGNORE_INDEX,
+    TaskParts,
+    count_supervised_tokens,
+    register_task,
+)
 
 
 @dataclass
-class ToyTaskConfig:
+class ToyTaskConfig(Config):
     vocab_size: int = 16
     seq_len: int = 16
     hidden_size: int = 32
     num_layers: int = 2
     num_heads: int = 2
     dropout: float = 0.1
-    moe: dict[str, Any] | None = field(default_factory=lambda: {"num_experts": 4, "top_k": 2, "router": "smoe"})
+    moe: MoEConfig | None = field(default_factory=lambda: MoEConfig(num_experts=4, top_k=2, router="smoe"))
     num_train: int = 256
     num_eval: int = 32
     data_seed: int = 1234
+    # Sequence lengths drawn in [min_seq_len, seq_len] (padding is not supervised); seq_len when null.
+    min_seq_len: int | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"toy.hidden_size={self.hidden_size} must be divisible by toy.num_heads={self.num_heads}")
+            raise invalid("hidden_size", f"{self.hidden_size} must be divisible by num_heads={self.num_heads}")
         for name in ("vocab_size", "seq_len", "num_layers", "num_train"):
             if getattr(self, name) < 2:
-                raise ConfigError(f"toy.{name} must be >= 2, got {getattr(self, name)}")
+                raise invalid(name, f"must be >= 2, got {getattr(self, name)}")
+        if self.min_seq_len is not None and not 2 <= self.min_seq_len <= self.seq_len:
+            raise invalid("min_seq_len", f"must lie in [2, seq_len={self.seq_len}], got {self.min_seq_len}")
 
 
 @dataclass
@@ -51,23 +59,32 @@ class ToyOutput:
 
 
 class ProgressionDataset(Dataset):
-    def __init__(self, num: int, seq_len: int, vocab_size: int, seed: int):
+    def __init__(self, num: int, seq_len: int, vocab_size: int, seed: int, min_seq_len: int | None = None):
         g = torch.Generator().manual_seed(seed)
         a_N = torch.randint(0, vocab_size, (num, 1), generator=g)
         b_N = torch.randint(1, vocab_size, (num, 1), generator=g)
         t_S = torch.arange(seq_len)
         self.tokens_NS = (a_N + b_N * t_S) % vocab_size
+        low = seq_len if min_seq_len is None else min_seq_len
+        self.lengths_N = torch.randint(low, seq_len + 1, (num,), generator=g)
 
     def __len__(self) -> int:
         return self.tokens_NS.shape[0]
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.tokens_NS[i]
+        return self.tokens_NS[i, : self.lengths_N[i]]
 
 
 def collate(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    input_ids = torch.stack(items)
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
+    """Right-padded with token 0; padding is not supervised (and, attention being causal, never
+    seen by a real token)."""
+    longest = max(len(x) for x in items)
+    input_ids = torch.zeros(len(items), longest, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    for b, x in enumerate(items):
+        input_ids[b, : len(x)] = x
+        labels[b, : len(x)] = x
+    return {"input_ids": input_ids, "labels": labels}
 
 
 class Block(nn.Module):
@@ -82,7 +99,7 @@ class Block(nn.Module):
         if config.moe is None:
             self.ffn = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
         else:
-            self.ffn = MoELayer(MoEConfig.from_dict(config.moe), D, 2 * D, layer_idx=layer_idx)
+            self.ffn = MoELayer(config.moe, D, 2 * D, layer_idx=layer_idx)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -111,7 +128,9 @@ class ToyLM(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self._checkpoint_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ToyOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                num_items_in_batch: int | float | torch.Tensor | None = None) -> ToyOutput:
+        """`.loss`: the mean over supervised tokens, or their sum / num_items_in_batch."""
         x_BSD = self.embed(input_ids) + self.pos(torch.arange(input_ids.shape[1], device=input_ids.device))
         for block in self.blocks:
             if self._checkpoint_kwargs is not None and self.training:
@@ -121,20 +140,24 @@ class ToyLM(nn.Module):
         logits_BSV = self.head(self.norm(x_BSD))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+            logits, targets = logits_BSV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+            else:
+                loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_items_in_batch
         return ToyOutput(loss, logits_BSV)
 
 
 def export(model: nn.Module, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(model.config), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(dump(model.config), indent=2))
     save_model(model, str(out_dir / "model.safetensors"))
 
 
 @register_task("toy", ToyTaskConfig)
 def build_toy(config: ToyTaskConfig, run) -> TaskParts:
     def make(n: int, seed: int) -> ProgressionDataset:
-        return ProgressionDataset(n, config.seq_len, config.vocab_size, seed)
+        return ProgressionDataset(n, config.seq_len, config.vocab_size, seed, config.min_seq_len)
 
     return TaskParts(
         model=ToyLM(config),
@@ -142,4 +165,5 @@ def build_toy(config: ToyTaskConfig, run) -> TaskParts:
         eval_dataset=make(config.num_eval, config.data_seed + 1) if config.num_eval else None,
         collate_fn=collate,
         export_fn=export,
+        count_loss_items=count_supervised_tokens,
     )

@@ -27,15 +27,18 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset
 
+from llava_smoe.config import Config, ConfigError, invalid
 from llava_smoe.data import DataCollator, DataConfig, LlavaDataset
-from llava_smoe.data.records import BadSampleError
-from llava_smoe.model.vision import CLIP_MEAN, CLIP_STD  # a new tower can use its family's constants
-from llava_smoe.training.config import ConfigError
+from llava_smoe.data.records import BadSampleError, BadSamplePolicy
+from llava_smoe.model.vision import (  # a new tower can use its family's constants
+    CLIP_MEAN,
+    CLIP_STD,
+)
 from llava_smoe.training.tasks import TaskParts, register_task
 
 
 @dataclass
-class ClipTaskConfig:
+class ClipTaskConfig(Config):
     """data / eval_data: LLaVA JSON or JSONL (data may list several); the caption is the first
         assistant turn; image paths are relative to image_folder.
     tokenizer: tokenizer folder for the captions.
@@ -51,16 +54,14 @@ class ClipTaskConfig:
     image_folder: str | None = None
     eval_data: str | None = None
     max_length: int = 77
-    on_bad_sample: str = "error"
+    on_bad_sample: BadSamplePolicy = "error"
     cache_samples: bool = False
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if "vision_config" not in self.model or "text_config" not in self.model:
-            raise ConfigError("clip.model needs text_config and vision_config (a transformers CLIPConfig dict)")
-        if not Path(self.tokenizer).is_dir():
-            raise ConfigError(f"clip.tokenizer: {self.tokenizer} is not a folder")
+            raise invalid("model", "needs text_config and vision_config (a transformers CLIPConfig dict)")
         if self.max_length < 2:
-            raise ConfigError(f"clip.max_length must be >= 2, got {self.max_length}")
+            raise invalid("max_length", f"must be >= 2, got {self.max_length}")
 
 
 class CaptionDataset(LlavaDataset):
@@ -78,28 +79,13 @@ class CaptionDataset(LlavaDataset):
                                  source=self.config.data_path, index=record_index, record_id=info.record_id)
         return info
 
-    def _build(self, record_index: int) -> dict[str, Any]:
-        info = self._check(record_index)
-        caption = next(m.content for m in info.messages if m.role == "assistant")
+    def _build(self, i: int) -> dict[str, Any]:
+        caption = next(m.content for m in self._messages(self.record_index(i)) if m.role == "assistant")
         ids = self.processor.tokenizer(caption, add_special_tokens=False)["input_ids"] + [self.end_token_id]
         if len(ids) > self.config.max_length:
-            raise BadSampleError("too_long", f"caption is {len(ids)} tokens, longer than max_length="
-                                 f"{self.config.max_length}", source=self.config.data_path,
-                                 index=record_index, record_id=info.record_id)
-        ids_L = torch.tensor(ids, dtype=torch.long)  # "labels" only because DataCollator pads them too
-        return {"input_ids": ids_L, "labels": ids_L, "image": self._image(info, record_index), "index": record_index}
-
-
-class ClipCollator:
-    """DataCollator's padding, renamed to CLIPModel's arguments (loss requested)."""
-
-    def __init__(self, collate: DataCollator) -> None:
-        self.collate = collate
-
-    def __call__(self, samples: list[Any]) -> dict[str, Any]:
-        batch = self.collate(samples)
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "pixel_values": batch["images"], "return_loss": True, "skipped": batch["skipped"]}
+            raise self._bad(i, "too_long", f"caption is {len(ids)} tokens, longer than max_length="
+                                           f"{self.config.max_length}")
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "image": self._image(i)}
 
 
 def build_clip_model(spec: dict[str, Any], tokenizer) -> torch.nn.Module:
@@ -120,11 +106,17 @@ def build_clip_model(spec: dict[str, Any], tokenizer) -> torch.nn.Module:
 def build_clip(config: ClipTaskConfig, run) -> TaskParts:
     from transformers import AutoTokenizer
 
-    from llava_smoe.processing import ImageProcessingConfig, LlavaSmoeProcessor, ProcessorConfig
+    from llava_smoe.processing import (
+        ImageProcessingConfig,
+        LlavaSmoeProcessor,
+        ProcessorConfig,
+    )
 
+    if not Path(config.tokenizer).is_dir():
+        raise ConfigError(f"{config.tokenizer} is not a folder", ("tokenizer",))
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
     if tokenizer.pad_token_id is None:
-        raise ConfigError(f"clip.tokenizer: {config.tokenizer} has no pad token")
+        raise ConfigError(f"{config.tokenizer} has no pad token", ("tokenizer",))
     image_size = config.model["vision_config"].get("image_size", 224)
     # The processor supplies the image pipeline and LlavaDataset's record checks (it adds the
     # image token to the tokenizer first, so the text tower's vocabulary includes it).
@@ -134,8 +126,8 @@ def build_clip(config: ClipTaskConfig, run) -> TaskParts:
     model = build_clip_model(config.model, processor.tokenizer)
     text = model.config.text_config
     if config.max_length > text.max_position_embeddings:
-        raise ConfigError(f"clip.max_length={config.max_length} exceeds text_config.max_position_embeddings="
-                          f"{text.max_position_embeddings}")
+        raise ConfigError(f"{config.max_length} exceeds model.text_config.max_position_embeddings="
+                          f"{text.max_position_embeddings}", ("max_length",))
 
     def dataset(path: str) -> CaptionDataset:
         return CaptionDataset(DataConfig(path, config.image_folder, config.max_length, config.on_bad_sample,
@@ -157,6 +149,6 @@ def build_clip(config: ClipTaskConfig, run) -> TaskParts:
         model=model,
         train_dataset=parts[0] if len(parts) == 1 else ConcatDataset(parts),
         eval_dataset=dataset(config.eval_data) if config.eval_data else None,
-        collate_fn=ClipCollator(DataCollator(processor.pad_token_id, image_size)),
+        collate_fn=DataCollator(processor.pad_token_id, model_kwargs={"return_loss": True}),
         export_fn=export_fn,
     )
