@@ -179,3 +179,37 @@ def test_declared_aux_names_cover_both_policies():
         seen |= set(collect_aux_losses(model))
         moe_optimizer_step(model, step + 1)
     assert seen == declared  # both router steps and competition steps occurred
+
+
+def test_official_conventions_give_the_official_values_on_a_case_computed_by_hand():
+    from llava_smoe.moe.routers.base import balance_loss
+    from llava_smoe.moe.routers.competesmoe import diversity
+
+    probs_TE = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]])
+    idx_TK = torch.tensor([[0, 1], [0, 2], [1, 0]])
+    # P = column means (0.8, 1.1, 1.1) / 3. All k slots: f = (3, 2, 1) / 6 -> 3 * sum f P = 0.95.
+    # First choices only (0, 0, 1): f = (2, 1, 0) / 3 -> 0.9.
+    assert balance_loss(probs_TE, idx_TK).item() == pytest.approx(0.95)
+    assert balance_loss(probs_TE, idx_TK, "top1").item() == pytest.approx(0.9)
+
+    # k = 2, cosine 0.6: the pairwise mean is 0.6; over all 2 x 2 entries with a zero diagonal, 0.3.
+    y_TKD = torch.tensor([[[1.0, 0.0], [0.6, 0.8]]])
+    assert diversity(y_TKD).item() == pytest.approx(0.6)
+    assert diversity(y_TKD, "official").item() == pytest.approx(0.3)
+    # k = 3 with cosines 0.6 (1-2), 0 (1-3), 0 (2-3): pairwise 0.2, official 2 * 0.6 / 9.
+    y_TKD = torch.tensor([[[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]]])
+    assert diversity(y_TKD).item() == pytest.approx(0.2)
+    assert diversity(y_TKD, "official").item() == pytest.approx(1.2 / 9)
+
+
+def test_official_options_reach_the_competition_losses():
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(1))
+    aux = {}
+    for name, options in (("ours", {}), ("official", {"diversity_normalization": "official", "balance_count": "top1"})):
+        m = layer({**ALWAYS, **options})
+        m(x)
+        aux[name] = collect_aux_losses(m)
+    # At k = 2 the official normalisation is exactly half the pairwise mean (same experts, same inputs).
+    assert aux["official"]["diversity"].item() == pytest.approx(aux["ours"]["diversity"].item() / 2, rel=1e-5)
+    assert aux["official"]["balance"].item() != pytest.approx(aux["ours"]["balance"].item())
+    assert aux["official"]["distill"].item() == pytest.approx(aux["ours"]["distill"].item())

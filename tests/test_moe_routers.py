@@ -182,3 +182,31 @@ def test_config_round_trip():
     assert parse(MoEConfig, cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown key 'experts'"):
         parse(MoEConfig, {**cfg.to_dict(), "experts": 3})
+
+
+@pytest.mark.parametrize("router, expected", [("smoe", 2.0), ("xmoe", 2.0), ("sigmoid", 2.0)])
+def test_expert_evaluations_per_token_are_recorded(router, expected):
+    from llava_smoe.moe import MoELayer, routing_stats
+
+    m = MoELayer(MoEConfig(num_experts=4, top_k=2, router=router), 16, 32)
+    m(torch.randn(2, 8, 16))
+    stats = routing_stats(m)
+    assert stats[""]["expert_evals_per_token"] == pytest.approx(expected)
+
+
+def test_expert_evaluations_of_remoe_mot_and_competition():
+    from llava_smoe.moe import MoELayer, configure_moe_schedule, routing_stats
+
+    x = torch.randn(4, 8, 16)
+    remoe = MoELayer(MoEConfig(num_experts=4, top_k=1, router="remoe"), 16, 32)
+    remoe(x)
+    active = float((torch.relu(x.reshape(-1, 16) @ remoe.router.weight_ED.t()) > 0).sum()) / 32
+    assert routing_stats(remoe)[""]["expert_evals_per_token"] == pytest.approx(active)
+    mot = MoELayer(MoEConfig(num_experts=4, top_k=1, router="mot", router_options={"group_size": 4}), 16, 32)
+    mot(x)
+    assert routing_stats(mot)[""]["expert_evals_per_token"] == pytest.approx(4 / 4)  # E experts per group of 4
+    compete = MoELayer(MoEConfig(num_experts=4, top_k=2, router="competesmoe", router_options={
+        "warmup_fraction": 0.0, "competition_prob": 1.0}), 16, 32).train()
+    configure_moe_schedule(compete, 10)
+    compete(x)
+    assert routing_stats(compete)[""]["expert_evals_per_token"] == pytest.approx(4.0)  # every expert

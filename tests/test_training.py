@@ -374,7 +374,7 @@ def test_cli_prints_resolved_config(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["seed"] == 5 and printed["task"] == "toy" and printed["toy"]["hidden_size"] == 32
     # every nested section typed, with its defaults: the task's MoE config and its router's options
-    assert printed["toy"]["moe"]["router_options"] == {"balance_coef": 0.01, "z_loss_coef": 0.001}
+    assert printed["toy"]["moe"]["router_options"] == {"balance_coef": 0.01, "z_loss_coef": 0.001, "balance_count": "all"}
     assert printed["train"]["grad_accum"] == 2 and printed["optim"]["schedule"] == "cosine"
     assert main(["train", str(write_recipe(tmp_path)), "train.sed=5", "--print-config"]) == 2
     assert "train.sed" in capsys.readouterr().err

@@ -86,7 +86,7 @@ def routing_stats(model: nn.Module, reset: bool = True) -> dict[str, dict]:
     if out:
         summary: dict[str, float] = {}
         for key in ("load_cv", "max_over_mean_load", "router_entropy_normalized", "competition_rate",
-                    "router_agreement", "sparsity", "l1_lambda"):
+                    "router_agreement", "sparsity", "l1_lambda", "expert_evals_per_token"):
             vals = [s[key] for s in out.values() if key in s]
             if vals:
                 summary[key] = sum(vals) / len(vals)

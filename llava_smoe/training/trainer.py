@@ -443,6 +443,7 @@ class _Interval:
         rec["lr"] = next(iter(lrs.values()))
         rec.update({f"lr/{k}": v for k, v in lrs.items()})
         rec["tokens_per_s"] = self.tokens / elapsed
+        rec["interval_s"] = elapsed  # training time since the last record (evaluation and saving excluded)
         rec["nonfinite"] = nonfinite
         rec.update(flatten_routing(routing_stats(module, reset=True)))
         return rec

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,16 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over data-paral
 
 @dataclass
 class RouterOptions(Config):
-    """A router's options (`MoEConfig.router_options`); each router extends this config."""
+    """A router's options (`MoEConfig.router_options`); each router extends this config.
+
+    balance_count: which assignments the balance loss's expert fractions count: "all" k slots
+    of every token (the specification), or "top1", each token's first choice only (what the
+    official CompeteSMoE code computes).
+    """
 
     balance_coef: float = 0.01
     z_loss_coef: float = 0.001
+    balance_count: Literal["all", "top1"] = "all"
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -101,6 +107,8 @@ class RoutingStats:
             out["router_agreement"] = acc["agreement_sum"].item() / acc["agreement_tokens"].item()
         if "router_outputs" in acc and acc["router_outputs"].item() > 0:
             out["sparsity"] = acc["zero_outputs"].item() / acc["router_outputs"].item()
+        if "evaluated_tokens" in acc and acc["evaluated_tokens"].item() > 0:
+            out["expert_evals_per_token"] = acc["expert_evaluations"].item() / acc["evaluated_tokens"].item()
         return out
 
 
@@ -159,11 +167,19 @@ class Router(nn.Module):
         self.stats.add("entropy_sum", entropy_T.sum())
         self.stats.add("tokens", torch.tensor(float(p.shape[0]), device=p.device))
 
+    def record_evaluations(self, evaluations: torch.Tensor | float, tokens: int, device: torch.device) -> None:
+        """Expert FFN evaluations this forward ran for `tokens` tokens (its compute, in experts)."""
+        self.stats.add("expert_evaluations", torch.as_tensor(evaluations, dtype=torch.float64, device=device))
+        self.stats.add("evaluated_tokens", torch.tensor(float(tokens), device=device))
+
 
 # -- losses shared by several routers --------------------------------------------------------------
-def balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> torch.Tensor:
-    """Switch balance loss E * sum_e f_e * P_e, where f counts all k slots (not only top-1)."""
+def balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, count: str = "all") -> torch.Tensor:
+    """Switch balance loss E * sum_e f_e * P_e, where f counts all k slots of each token, or with
+    count="top1" only its first choice (the official CompeteSMoE code)."""
     T, E = probs_TE.shape
+    if count == "top1":
+        expert_idx_TK = expert_idx_TK[:, :1]
     counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
     f_E = counts_E / max(expert_idx_TK.numel(), 1)
     P_E = probs_TE.mean(0)
@@ -197,6 +213,7 @@ class TokenChoiceRouter(Router):
         token_P = torch.arange(T, device=x_TD.device).repeat_interleave(K) if call.token_groups_T is not None else None
         self.record_assignment(g.expert_idx_TK.reshape(-1), token_P, call)
         self.record_entropy(g.probs_TE)
+        self.record_evaluations(float(T * K), T, x_TD.device)
         return y_TD, g.aux
 
 

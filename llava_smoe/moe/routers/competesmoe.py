@@ -47,6 +47,20 @@ def neural_response(y_TED: torch.Tensor, affinity: str) -> torch.Tensor:
     return y_TED.float().norm(dim=-1)
 
 
+def diversity(y_TKD: torch.Tensor, normalization: str = "pairwise") -> torch.Tensor:
+    """Cosine similarity of the k selected experts' outputs: the mean over the k(k-1)/2 distinct
+    pairs ("pairwise"), or over all k x k entries with the diagonal as zeros ("official", what
+    the official CompeteSMoE code computes: (k - 1) / k of the pairwise mean, half at k = 2)."""
+    unit_TKD = F.normalize(y_TKD.float(), dim=-1)
+    sim_TKK = unit_TKD @ unit_TKD.transpose(1, 2)
+    K = sim_TKK.shape[-1]
+    i, j = torch.triu_indices(K, K, offset=1, device=y_TKD.device)
+    pairs_T = sim_TKK[:, i, j].sum(-1)
+    if normalization == "official":
+        return (2 * pairs_T / (K * K)).mean()
+    return (pairs_T / i.numel()).mean()
+
+
 def competing_layers(
     seed: int, step: int, num_layers: int, total_steps: int, warmup_fraction: float, prob: float, max_layers: int
 ) -> list[int]:
@@ -65,6 +79,8 @@ class CompeteSMoEOptions(RouterOptions):
     competition_balance_coef: float = 0.01
     hybrid_coef: float = 0.0
     affinity: Literal["softplus", "l2"] = "softplus"  # "softplus": mean_d softplus(Y); "l2": ||Y||_2 (2024)
+    # "pairwise": mean over the distinct pairs; "official": over all k x k with zero diagonal
+    diversity_normalization: Literal["pairwise", "official"] = "pairwise"
     warmup_fraction: float = 0.05
     competition_prob: float = 0.05
     max_competing_layers: int = 3
@@ -171,17 +187,15 @@ class CompeteSMoERouter(SMoERouter):
                 router_probs_TE.gather(1, idx_TK), target_TE.detach().gather(1, idx_TK)
             )
         if o.diversity_coef and K > 1:
-            unit_TKD = F.normalize(y_TKD.float(), dim=-1)
-            sim_TKK = unit_TKD @ unit_TKD.transpose(1, 2)
-            i, j = torch.triu_indices(K, K, offset=1, device=x_TD.device)
-            aux["diversity"] = o.diversity_coef * sim_TKK[:, i, j].mean()
+            aux["diversity"] = o.diversity_coef * diversity(y_TKD, o.diversity_normalization)
         if o.competition_balance_coef:
-            aux["balance"] = o.competition_balance_coef * balance_loss(target_TE, idx_TK)
+            aux["balance"] = o.competition_balance_coef * balance_loss(target_TE, idx_TK, o.balance_count)
 
         token_P = (torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(K)
                    if call.token_groups_T is not None else None)  # only needed to split by modality
         self.record_assignment(idx_TK.reshape(-1), token_P, call)
         self.record_entropy(router_probs_TE)
+        self.record_evaluations(float(y_TED.shape[0] * y_TED.shape[1]), y_TED.shape[0], x_TD.device)
         with torch.no_grad():
             _, router_idx_TK, _ = softmax_topk_gate(logits_TE, K)
             agree_T = (router_idx_TK.unsqueeze(-1) == idx_TK.unsqueeze(1)).any(-1).float().mean(-1)

@@ -85,6 +85,7 @@ class MoTRouter(Router):
         expert_P = torch.arange(E, device=x_TD.device).repeat(T)
         token_P = torch.arange(T, device=x_TD.device).repeat_interleave(E)
         self.record_assignment(expert_P, token_P, call)
+        self.record_evaluations(float(E * N * S), T, x_TD.device)  # each expert runs once per group
         return out_NGSD.reshape(T, D), {}
 
     @torch.no_grad()

@@ -77,6 +77,7 @@ class ReMoERouter(Router):
             self._pending = pending if self._pending is None else self._pending + pending
 
         self.record_assignment(expert_P, token_P, call)
+        self.record_evaluations(expert_P.numel(), T, x_TD.device)
         norm_TE = gates_TE / gates_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         self.record_entropy(norm_TE)
         self.stats.add("zero_outputs", (~active_TE).sum())

@@ -60,7 +60,7 @@ class SigmoidRouter(TokenChoiceRouter):
             load_E = torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts).to(torch.float64)
             self._pending_load_E = load_E if self._pending_load_E is None else self._pending_load_E + load_E
             if self.opts.balance_coef:
-                aux["balance"] = self.opts.balance_coef * balance_loss(probs_TE, idx_TK)
+                aux["balance"] = self.opts.balance_coef * balance_loss(probs_TE, idx_TK, self.opts.balance_count)
         return Gate(idx_TK, weights_TK, probs_TE, aux)
 
     @classmethod

@@ -26,7 +26,7 @@ class SMoERouter(TokenChoiceRouter):
         aux = {}
         if self.learning:
             if self.opts.balance_coef:
-                aux["balance"] = self.opts.balance_coef * balance_loss(probs_TE, idx_TK)
+                aux["balance"] = self.opts.balance_coef * balance_loss(probs_TE, idx_TK, self.opts.balance_count)
             if self.opts.z_loss_coef:
                 aux["z_loss"] = self.opts.z_loss_coef * z_loss(logits_TE)
         return Gate(idx_TK, weights_TK, probs_TE, aux)

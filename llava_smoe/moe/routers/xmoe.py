@@ -60,7 +60,7 @@ class XMoERouter(TokenChoiceRouter):
         probs_TE, idx_TK, weights_TK = softmax_topk_gate(logits_TE, self.top_k)
         aux = {}
         if self.learning and self.opts.balance_coef:
-            aux["balance"] = self.opts.balance_coef * balance_loss(probs_TE, idx_TK)
+            aux["balance"] = self.opts.balance_coef * balance_loss(probs_TE, idx_TK, self.opts.balance_count)
         if self.learning and self.opts.z_loss_coef:
             aux["z_loss"] = self.opts.z_loss_coef * z_loss(logits_TE)
         return Gate(idx_TK, weights_TK, probs_TE, aux)

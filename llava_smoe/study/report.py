@@ -1,0 +1,241 @@
+"""A study's results: `study.json`, `study.md` and PNG plots from its cells' records.
+
+Per variant: mean, standard deviation and 95% interval (Student's t) of every metric; paired
+differences against the baseline on the seeds both have, with their interval and a paired
+t-test; the cost (training seconds per optimizer step and tokens/s, as measured, and the
+per-seed ratio to the baseline; expert evaluations per token; load CV; dead experts). Results
+at equal steps (the final values) and, for metrics logged during training (eval/loss), at equal
+wall-clock: the value each cell had reached when the fastest variant's mean training time ran out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from llava_smoe.study.metrics import value_at_seconds
+from llava_smoe.study.spec import StudySpec
+from llava_smoe.study.stats import paired_test, summarize
+
+COST = ("seconds_per_step", "tokens_per_s", "expert_evals_per_token", "load_cv", "dead_experts", "tokens", "steps")
+
+
+def _values(cells: list[dict], variant: str, key: str) -> dict[int, float]:
+    return {c["seed"]: c["metrics"][key] for c in cells
+            if c["variant"] == variant and c["metrics"].get(key) is not None}
+
+
+def aggregate(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str, Any]:
+    cells = [r for r in records if r and r.get("status") == "done"]
+    base = spec.baseline
+    variants = list(spec.variants)
+    under = [f"{c['variant']}/s{c['seed']} ({c['metrics']['tokens']:,} tokens)" for c in cells
+             if c["metrics"]["tokens"] < spec.min_tokens]
+    report: dict[str, Any] = {
+        "name": spec.name, "recipe": spec.recipe, "seeds": spec.seeds, "baseline": base,
+        "primary": {"name": spec.primary.name, "goal": spec.primary.goal}, "secondary": spec.secondary,
+        "min_tokens": spec.min_tokens, "under_budget": under,
+        "environment": {k: v for k, v in cells[0]["provenance"].items() if k != "config"} if cells else {},
+        "cells": [{"variant": c["variant"], "seed": c["seed"],
+                   "metrics": {k: v for k, v in c["metrics"].items() if k != "curve"}} for c in cells],
+        "variants": {}, "paired": {}, "overhead": {},
+    }
+    for v in variants:
+        stats = {}
+        for key in (*spec.metrics, *COST):
+            values = list(_values(cells, v, key).values())
+            if values:
+                stats[key] = summarize(values).to_dict()
+        report["variants"][v] = stats
+        if v == base:
+            continue
+        paired = {}
+        for key in spec.metrics:
+            mine, theirs = _values(cells, v, key), _values(cells, base, key)
+            seeds = sorted(set(mine) & set(theirs))
+            if seeds:
+                paired[key] = {**paired_test([mine[s] for s in seeds], [theirs[s] for s in seeds]).to_dict(),
+                               "seeds": seeds}
+        report["paired"][v] = paired
+        mine, theirs = _values(cells, v, "seconds_per_step"), _values(cells, base, "seconds_per_step")
+        ratios = [mine[s] / theirs[s] for s in sorted(set(mine) & set(theirs))]
+        if ratios:
+            report["overhead"][v] = summarize(ratios).to_dict()
+    report["equal_wall_clock"] = _equal_wall_clock(spec, cells, variants)
+    report["verdicts"] = verdicts(report)
+    return report
+
+
+def _equal_wall_clock(spec: StudySpec, cells: list[dict], variants: list[str]) -> dict[str, Any] | None:
+    """eval/loss of every cell at the fastest variant's mean training time."""
+    curves = {(c["variant"], c["seed"]): c["metrics"].get("curve") or [] for c in cells}
+    if not any(curves.values()):
+        return None
+    times = {v: [c["metrics"]["train_seconds"] for c in cells if c["variant"] == v] for v in variants}
+    budget = min(sum(t) / len(t) for t in times.values() if t)
+    at = {v: {s: value_at_seconds(curves[(v, s)], budget) for (vv, s) in curves if vv == v} for v in variants}
+    at = {v: {s: x for s, x in seeds.items() if x is not None} for v, seeds in at.items()}
+    out: dict[str, Any] = {"metric": "eval/loss", "seconds": budget, "variants": {}, "paired": {}}
+    for v in variants:
+        if at[v]:
+            out["variants"][v] = summarize(list(at[v].values())).to_dict()
+        if v != spec.baseline:
+            seeds = sorted(set(at[v]) & set(at[spec.baseline]))
+            if seeds:
+                out["paired"][v] = {**paired_test([at[v][s] for s in seeds],
+                                                  [at[spec.baseline][s] for s in seeds]).to_dict(), "seeds": seeds}
+    return out
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def verdicts(report: dict[str, Any]) -> list[str]:
+    """One sentence per variant on the primary metric against the baseline."""
+    name, goal, base = report["primary"]["name"], report["primary"]["goal"], report["baseline"]
+    out = []
+    for v, paired in report["paired"].items():
+        p = paired.get(name)
+        if p is None:
+            continue
+        diff = p["mean_diff"]
+        better = diff < 0 if goal == "min" else diff > 0
+        direction = ("lower" if diff < 0 else "higher") + (" (better)" if better else " (worse)") if diff else "equal"
+        cost = report["overhead"].get(v)
+        cost_text = f" at {cost['mean']:.2f}x its training time per step" if cost else ""
+        if p["ci_low"] is None:
+            noise = "too few paired seeds for an interval"
+        elif p["excludes_zero"]:
+            noise = "outside the seed noise"
+        else:
+            noise = "not outside the seed noise"
+        out.append(f"{v}'s {name} is {abs(diff):.4g} {direction} than {base}'s (paired over {p['n']} seeds: "
+                   f"95% CI {_fmt(p['ci_low'])} to {_fmt(p['ci_high'])}, p = {_fmt(p['p'], 3)}): {noise}{cost_text}.")
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    name, base = report["primary"]["name"], report["baseline"]
+    env = report.get("environment", {})
+    lines = [f"# Study: {report['name']}", "",
+             f"Recipe `{report['recipe']}`, seeds {report['seeds']}, baseline `{base}`, primary metric "
+             f"`{name}` ({report['primary']['goal']}), declared before running.",
+             f"Machine: {env.get('device', '?')}, {env.get('cores', '?')} cores; "
+             f"code {((env.get('code') or {}).get('commit') or '?')[:12]}; "
+             + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v), ""]
+    if report["under_budget"]:
+        lines += [f"**Under the token budget ({report['min_tokens']:,}):** " + ", ".join(report["under_budget"]), ""]
+    metrics = [name, *[m for m in report["secondary"] if m != name]]
+    lines += ["## At equal steps", "",
+              "| variant | n | " + " | ".join(f"{m} mean (sd) [95% CI]" for m in metrics) + f" | {name}: diff vs {base} [95% CI], p |",
+              "| --- | ---: | " + " | ".join("---:" for _ in metrics) + " | ---: |"]
+    for v, stats in report["variants"].items():
+        cells = []
+        for m in metrics:
+            s = stats.get(m)
+            cells.append("-" if s is None else f"{_fmt(s['mean'])} ({_fmt(s['sd'])}) [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]")
+        p = report["paired"].get(v, {}).get(name)
+        diff = "baseline" if v == base else ("-" if p is None else
+                                              f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
+        n = stats.get(name, {}).get("n", 0)
+        lines.append(f"| {v} | {n} | " + " | ".join(cells) + f" | {diff} |")
+    lines += ["", "## Cost", "",
+              "| variant | train s / step | tokens/s | x baseline s / step [95% CI] | expert evals / token | load CV | dead experts (end) | tokens |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for v, stats in report["variants"].items():
+        def mean(k, digits=4):
+            return _fmt(stats[k]["mean"], digits) if k in stats else "-"
+        o = report["overhead"].get(v)
+        ratio = "1.00" if v == base else ("-" if o is None else f"{o['mean']:.2f} [{_fmt(o['ci_low'], 2)}, {_fmt(o['ci_high'], 2)}]")
+        lines.append(f"| {v} | {mean('seconds_per_step')} | {mean('tokens_per_s', 0)} | {ratio} | "
+                     f"{mean('expert_evals_per_token', 2)} | {mean('load_cv', 3)} | {mean('dead_experts', 1)} | {mean('tokens', 0)} |")
+    ewc = report.get("equal_wall_clock")
+    if ewc:
+        lines += ["", f"## At equal wall-clock ({ewc['metric']} after {ewc['seconds']:.0f} s of training, the fastest "
+                      "variant's mean time)", "",
+                  f"| variant | mean [95% CI] | diff vs {base} [95% CI], p |", "| --- | ---: | ---: |"]
+        for v, s in ewc["variants"].items():
+            p = ewc["paired"].get(v)
+            diff = "baseline" if v == base else ("-" if p is None else
+                                                  f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
+            lines.append(f"| {v} | {_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {diff} |")
+    lines += ["", "## Verdict on the primary metric", "", *[f"- {v}" for v in report["verdicts"]], ""]
+    return "\n".join(lines)
+
+
+def plots(spec: StudySpec, records: list[dict[str, Any]], report: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in records if r and r.get("status") == "done"]
+    written = []
+    colors = {v: f"C{i}" for i, v in enumerate(spec.variants)}
+    if any(c["metrics"].get("curve") for c in cells):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for v in spec.variants:
+            curves = [c["metrics"]["curve"] for c in cells if c["variant"] == v and c["metrics"].get("curve")]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(p["step"] for p in cur) for cur in curves)))
+            tokens = [sum(next(p["tokens"] for p in cur if p["step"] == s) for cur in curves) / len(curves) for s in steps]
+            values = [[next(p["eval/loss"] for p in cur if p["step"] == s) for cur in curves] for s in steps]
+            ax.plot(tokens, [sum(x) / len(x) for x in values], color=colors[v], label=f"{v} (n={len(curves)})")
+            ax.fill_between(tokens, [min(x) for x in values], [max(x) for x in values], color=colors[v], alpha=0.2)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("eval/loss (mean; band: min-max over seeds)")
+        ax.legend()
+        ax.set_title(f"{spec.name}: eval/loss against tokens")
+        written.append(_save(fig, out / "curves_eval_loss.png"))
+    name = spec.primary.name
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(spec.variants)), 4))
+    for i, v in enumerate(spec.variants):
+        values = list(_values(cells, v, name).values())
+        if not values:
+            continue
+        ax.scatter([i] * len(values), values, color=colors[v], alpha=0.6, s=18)
+        s = summarize(values)
+        if s.ci_low is not None:
+            ax.errorbar([i + 0.15], [s.mean], yerr=[[s.mean - s.ci_low], [s.ci_high - s.mean]], fmt="o", color="k",
+                        capsize=4)
+    ax.set_xticks(range(len(spec.variants)))
+    ax.set_xticklabels(list(spec.variants), rotation=20)
+    ax.set_ylabel(f"final {name} (dots: seeds; bar: mean, 95% CI)")
+    ax.set_title(f"{spec.name}: {name}")
+    written.append(_save(fig, out / f"final_{name.replace('/', '_')}.png"))
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(spec.variants)), 4))
+    for i, v in enumerate(spec.variants):
+        s = report["variants"][v].get("seconds_per_step")
+        if s is None:
+            continue
+        err = None if s["ci_low"] is None else [[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]]
+        ax.bar([i], [s["mean"]], color=colors[v], yerr=err, capsize=4)
+    ax.set_xticks(range(len(spec.variants)))
+    ax.set_xticklabels(list(spec.variants), rotation=20)
+    ax.set_ylabel("training seconds per optimizer step (95% CI)")
+    ax.set_title(f"{spec.name}: cost")
+    written.append(_save(fig, out / "overhead.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_report(spec: StudySpec, records: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    report = aggregate(spec, records)
+    (out / "study.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "study.md").write_text(markdown(report))
+    report["plots"] = [str(p) for p in plots(spec, records, report, out)]
+    return report

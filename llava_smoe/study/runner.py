@@ -1,0 +1,281 @@
+"""Running a study: every (variant, seed) cell, resumably, each with its provenance.
+
+Layout of the study folder:
+    study.yaml                         the spec as run
+    shared/s{seed}/{stage}/            stages every cell of a seed starts from
+    cells/{variant}/s{seed}/run/       the cell's training folder (metrics.jsonl, checkpoints, final)
+    cells/{variant}/s{seed}/eval.json  exact-match results, when the spec evaluates
+    cells/{variant}/s{seed}/cell.json  status, provenance, metrics
+    cells/{variant}/s{seed}/log.txt    what the cell's processes printed
+
+Cells run as `llava-smoe train` subprocesses (with `train.resume=auto`, so a killed cell goes on
+from its last checkpoint), one after another or on `workers` at once, each with cores / workers
+threads. A finished cell is skipped when the study runs again, after its provenance (code,
+resolved config, package versions, device) is compared with what running it now would record:
+a difference stops the study, naming it, unless mixing is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_smoe.config import ConfigError, dump
+from llava_smoe.study.spec import StageSpec, StudySpec
+
+CELL_FILE = "cell.json"
+PACKAGES = ("torch", "transformers", "deepspeed", "tokenizers", "numpy", "llava-smoe")
+REPO = Path(__file__).resolve().parents[2]
+
+
+class StudyError(RuntimeError):
+    """A study that cannot go on (mixed provenance, a failed cell, a cell under its token budget)."""
+
+
+@dataclass
+class Cell:
+    variant: str
+    seed: int
+    folder: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}/s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder / "run"
+
+    def record(self) -> dict[str, Any] | None:
+        path = self.folder / CELL_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{CELL_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, self.folder / CELL_FILE)  # a killed write never leaves half a record
+
+
+# -- provenance ---------------------------------------------------------------------------------------
+def code_identity() -> dict[str, Any]:
+    """The git commit, and a hash of uncommitted changes (tracked files) when there are any."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return out.stdout if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD").strip() or None
+    diff = git("diff", "HEAD", "--", "llava_smoe", "train", "pyproject.toml")
+    return {"commit": commit, "uncommitted": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None}
+
+
+def environment() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    import torch
+
+    if torch.cuda.is_available():
+        device = f"cuda: {torch.cuda.get_device_name(0)}"
+    else:
+        device = f"cpu: {_cpu_model()}"
+    return {"versions": versions, "device": device, "machine": platform.machine(), "cores": os.cpu_count()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def differences(recorded: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two provenance records."""
+    out = []
+    for key in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(key), now.get(key)
+        where = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, where + ".")
+        elif a != b:
+            out.append(f"{where}: {a!r} -> {b!r}")
+    return out
+
+
+# -- the study ----------------------------------------------------------------------------------------
+class Study:
+    def __init__(self, spec: StudySpec, spec_dir: Path, out: Path, *, workers: int = 1,
+                 allow_mixed: bool = False, log=print):
+        self.spec, self.spec_dir, self.out = spec, spec_dir, out
+        self.workers = workers
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.allow_mixed = allow_mixed
+        self.log = log
+        self._lock = threading.Lock()
+        self.cells = [Cell(v, s, out / "cells" / v / f"s{s}") for v in spec.variants for s in spec.seeds]
+
+    # -- commands ----------------------------------------------------------------------------------
+    def _placeholders(self, seed: int, cell: Path | None = None) -> dict[str, str]:
+        return {"seed": str(seed), "study": str(self.out), "shared": str(self.out / "shared" / f"s{seed}"),
+                "cell": str(cell or "")}
+
+    def _expand(self, items: list[str], values: dict[str, str], where: str) -> list[str]:
+        try:
+            return [item.format(**values) for item in items]
+        except (KeyError, IndexError) as exc:
+            raise ConfigError(f"unknown placeholder {exc} (use {sorted(values)})", (where,)) from None
+
+    def _recipe(self, path: str) -> Path:
+        recipe = (self.spec_dir / path).resolve()
+        if not recipe.is_file():
+            raise ConfigError(f"{recipe} does not exist", ("recipe",))
+        return recipe
+
+    def cell_overrides(self, cell: Cell) -> list[str]:
+        values = self._placeholders(cell.seed, cell.folder)
+        return [*self._expand(self.spec.overrides, values, "overrides"),
+                *self._expand(self.spec.variants[cell.variant], values, f"variants.{cell.variant}"),
+                f"train.seed={cell.seed}", f"train.output_dir={cell.run_dir}", "train.resume=auto",
+                f"train.save_every={self.spec.save_every}", "train.progress_bar=false", "train.tensorboard=false"]
+
+    def resolved_config(self, cell: Cell) -> dict[str, Any]:
+        from llava_smoe.training.recipe import load_recipe
+
+        try:
+            return load_recipe(self._recipe(self.spec.recipe), self.cell_overrides(cell)).to_dict()
+        except ConfigError as exc:
+            raise ConfigError(f"cell {cell.key}: {exc}") from None
+
+    def provenance(self, cell: Cell, env: dict[str, Any]) -> dict[str, Any]:
+        return {"code": code_identity(), "config": self.resolved_config(cell), **env}
+
+    # -- running -------------------------------------------------------------------------------------
+    def _subprocess(self, args: list[str], log_file: Path) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as log:
+            log.write(f"$ {' '.join(args)}\n")
+            log.flush()
+            proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        if proc.returncode != 0:
+            tail = log_file.read_text().splitlines()[-5:]
+            raise StudyError(f"`{' '.join(args[:6])} ...` failed ({proc.returncode}); {log_file}: " + " | ".join(tail))
+
+    def _train(self, recipe: Path, overrides: list[str], log_file: Path) -> None:
+        self._subprocess([sys.executable, "-m", "llava_smoe.cli", "train", str(recipe), *overrides], log_file)
+
+    def run_shared(self, seed: int) -> None:
+        shared = self.out / "shared" / f"s{seed}"
+        for stage in self.spec.shared:
+            folder = shared / stage.name
+            if (folder / "manifest.json").is_file() or (folder / "final").is_dir():
+                continue
+            self.log(f"shared s{seed}/{stage.name}")
+            self._run_stage(stage, seed, folder, shared / f"{stage.name}.log.txt")
+
+    def _run_stage(self, stage: StageSpec, seed: int, folder: Path, log_file: Path) -> None:
+        if stage.synth is not None:
+            config = json.dumps({**stage.synth, "seed": seed})
+            self._subprocess([sys.executable, "-m", "llava_smoe.study.synth", config, str(folder)], log_file)
+            return
+        values = self._placeholders(seed)
+        overrides = [*self._expand(stage.overrides, values, f"shared.{stage.name}.overrides"),
+                     f"train.seed={seed}", f"train.output_dir={folder}", "train.resume=auto",
+                     f"train.save_every={self.spec.save_every}", "train.progress_bar=false", "train.tensorboard=false"]
+        self._train(self._recipe(stage.recipe), overrides, log_file)
+
+    def run_cell(self, cell: Cell, env: dict[str, Any]) -> dict[str, Any]:
+        provenance = self.provenance(cell, env)
+        cell.write({"variant": cell.variant, "seed": cell.seed, "status": "running", "provenance": provenance,
+                    "started": time.time()})
+        self.log(f"cell {cell.key}: training")
+        log_file = cell.folder / "log.txt"
+        self._train(self._recipe(self.spec.recipe), self.cell_overrides(cell), log_file)
+        if self.spec.evaluate is not None:
+            self.log(f"cell {cell.key}: evaluating")
+            values = self._placeholders(cell.seed, cell.folder)
+            ev = self.spec.evaluate
+            self._subprocess([sys.executable, "-m", "llava_smoe.study.evaluate", str(cell.run_dir / "final"),
+                              ev.data.format(**values), ev.image_folder.format(**values),
+                              str(cell.folder / "eval.json"), str(ev.batch_size)], log_file)
+        from llava_smoe.study.metrics import cell_metrics
+
+        metrics = cell_metrics(cell.run_dir, cell.folder / "eval.json")
+        record = {"variant": cell.variant, "seed": cell.seed, "status": "done", "provenance": provenance,
+                  "metrics": metrics, "finished": time.time()}
+        cell.write(record)
+        self.log(f"cell {cell.key}: done ({metrics.get(self.spec.primary.name)})")
+        return record
+
+    def check_provenance(self, env: dict[str, Any]) -> None:
+        """Recorded cells (finished or interrupted) must match what running them now records."""
+        mixed = []
+        for cell in self.cells:
+            record = cell.record()
+            if record is None:
+                continue
+            diff = differences(record["provenance"], self.provenance(cell, env))
+            if diff:
+                mixed.append(f"{cell.key}: " + "; ".join(diff[:4]) + (f"; ... ({len(diff)} in all)" if len(diff) > 4 else ""))
+        if mixed and not self.allow_mixed:
+            raise StudyError("cells already run differ from this run (code, settings, packages or device): "
+                             + " || ".join(mixed) + " -- rerun them in a new study folder, or pass --allow-mixed")
+        for line in mixed:
+            self.log(f"warning: mixing provenance: {line}")
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run what is not done yet; return every cell's record."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "study.yaml").write_text(yaml_dump(dump(self.spec)))
+        env = environment()
+        self.check_provenance(env)
+        todo = [c for c in self.cells if (c.record() or {}).get("status") != "done"]
+        self.log(f"study {self.spec.name}: {len(self.cells)} cells, {len(self.cells) - len(todo)} done, "
+                 f"{len(todo)} to run on {self.workers} worker(s) x {self.threads} thread(s)")
+        seeds = sorted({c.seed for c in todo})
+        failures: list[str] = []
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for seed, result in zip(seeds, pool.map(self._try, [self.run_shared] * len(seeds), seeds)):
+                if result:
+                    failures.append(f"shared s{seed}: {result}")
+            ready = [c for c in todo if not any(f.startswith(f"shared s{c.seed}:") for f in failures)]
+            for cell, result in zip(ready, pool.map(self._try, [self.run_cell] * len(ready), ready,
+                                                    [env] * len(ready))):
+                if result:
+                    failures.append(f"{cell.key}: {result}")
+        if failures:
+            raise StudyError(f"{len(failures)} part(s) failed: " + " || ".join(failures))
+        return [c.record() for c in self.cells]
+
+    @staticmethod
+    def _try(fn, *args) -> str | None:
+        try:
+            fn(*args)
+        except (StudyError, ConfigError) as exc:
+            return str(exc)
+        return None
+
+
+def yaml_dump(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)

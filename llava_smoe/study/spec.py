@@ -1,0 +1,133 @@
+"""What a study is: a recipe, variants of it, seeds, and the metric decided on before running.
+
+    name: text-routers
+    recipe: text.yaml                      # every cell trains this (a path relative to the spec)
+    overrides: [train.max_steps=2000]      # for every cell; {seed}, {cell}, {shared}, {study} expand
+    variants:                              # each a set of dotted overrides
+      smoe: [lm.model.moe.router=smoe]
+      dense: [lm.model.moe=null, lm.model.architecture.intermediate_size=512]
+    seeds: [0, 1, 2]
+    baseline: smoe
+    primary: {name: eval/loss, goal: min}
+    secondary: [train/loss]
+    min_tokens: 2000000                    # a cell that trained on fewer tokens is an error
+    shared:                                # optional: stages run once per seed, before its cells
+      - {name: data, synth: {num_train: 8000}}          # the shapes world, generated with the seed
+      - {name: stage1, recipe: ../tiny/pretrain.yaml, overrides: [...]}
+    evaluate: {data: "{shared}/data/instruct_test.json", image_folder: "{shared}/data/images"}
+
+Placeholders: `{seed}`, `{cell}` (the cell's folder), `{study}` (the study's folder) and
+`{shared}` (this seed's shared folder, whose stage `NAME` writes `{shared}/NAME`; a training
+stage's checkpoint is `{shared}/NAME/final`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llava_smoe.config import Config, ConfigError, invalid, parse
+
+# Metrics a cell reports: from its training log, and from `evaluate` when the spec has it.
+LOG_METRICS = ("eval/loss", "train/loss")
+EVAL_METRICS = ("accuracy", "blind_accuracy")  # and accuracy/<question type>
+
+
+@dataclass
+class MetricSpec(Config):
+    """The primary metric, declared before running; goal says which direction is better."""
+
+    name: str
+    goal: Literal["min", "max"] = "min"
+
+    def validate(self) -> None:
+        check_metric_name(self.name, "name")
+
+
+def check_metric_name(name: str, key: str) -> None:
+    if name not in LOG_METRICS + EVAL_METRICS and not name.startswith("accuracy/"):
+        raise invalid(key, f"{name!r} is not a metric a cell reports: {list(LOG_METRICS + EVAL_METRICS)} "
+                           "or accuracy/<question type>")
+
+
+@dataclass
+class StageSpec(Config):
+    """A stage every cell of a seed starts from: a training recipe, or generating the shapes
+    world (`synth`: ShapesWorldConfig fields; the study's seed is the generator's)."""
+
+    name: str
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    synth: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        if (self.recipe is None) == (self.synth is None):
+            raise invalid("recipe", f"stage {self.name!r}: give exactly one of recipe or synth")
+        if not self.name.isidentifier():
+            raise invalid("name", f"{self.name!r} must be a plain identifier (it names a folder)")
+
+
+@dataclass
+class EvaluationSpec(Config):
+    """Exact-match accuracy of every cell's final checkpoint on held-out LLaVA-JSON questions,
+    with the image and blind (a blank image in its place)."""
+
+    data: str
+    image_folder: str
+    batch_size: int = 32
+
+
+@dataclass
+class StudySpec(Config):
+    name: str
+    recipe: str
+    variants: dict[str, list[str]]
+    seeds: list[int]
+    baseline: str
+    primary: MetricSpec
+    secondary: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    shared: list[StageSpec] = field(default_factory=list)
+    evaluate: EvaluationSpec | None = None
+    min_tokens: int = 0
+    # Checkpoints every this many steps, so a killed cell continues from its last one.
+    save_every: int = 200
+
+    def validate(self) -> None:
+        if not self.variants:
+            raise invalid("variants", "name at least two variants (one of them the baseline)")
+        for name in self.variants:
+            if not name.replace("-", "_").isidentifier():
+                raise invalid("variants", f"{name!r} must be a plain name (letters, digits, - and _): it names folders")
+        if self.baseline not in self.variants:
+            raise invalid("baseline", f"{self.baseline!r} is not one of the variants {sorted(self.variants)}")
+        if len(self.variants) < 2:
+            raise invalid("variants", "a comparison needs at least two variants")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise invalid("seeds", f"need distinct seeds, got {self.seeds}")
+        for i, name in enumerate(self.secondary):
+            check_metric_name(name, f"secondary.{i}")
+        evaluated = [m for m in (self.primary.name, *self.secondary) if m not in LOG_METRICS]
+        if evaluated and self.evaluate is None:
+            raise invalid("evaluate", f"metrics {evaluated} need an `evaluate` section")
+        names = [s.name for s in self.shared]
+        if len(set(names)) != len(names):
+            raise invalid("shared", f"stage names must be unique, got {names}")
+        if self.min_tokens < 0 or self.save_every < 1:
+            raise invalid("save_every" if self.save_every < 1 else "min_tokens", "must be positive")
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.primary.name, *[m for m in self.secondary if m != self.primary.name]]
+
+
+def load_spec(path: str | Path) -> tuple[StudySpec, Path]:
+    """The spec and the folder its relative paths are relative to."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study spec not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    return parse(StudySpec, data, ()), path.resolve().parent

@@ -1,0 +1,181 @@
+"""`llava-smoe study`: a 2 x 2 grid of tiny toy runs, killed and resumed; statistics by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llava_smoe.study.stats import paired_test, summarize, t_cdf, t_ppf
+
+ROOT = Path(__file__).resolve().parents[1]
+T975 = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105}  # Student's t, two-sided 95%, from tables
+
+
+def test_t_distribution_matches_the_tables():
+    for df, q in T975.items():
+        assert t_ppf(0.975, df) == pytest.approx(q, rel=1e-8)
+    assert t_cdf(2.0, 3) == pytest.approx(0.930337, abs=1e-6)
+    assert t_cdf(0.0, 5) == pytest.approx(0.5)
+
+
+def test_summary_and_paired_test_equal_a_hand_computation():
+    baseline, variant = [1.0, 2.0, 3.0], [0.5, 1.8, 2.4]
+    s = summarize(variant)
+    mean = (0.5 + 1.8 + 2.4) / 3
+    sd = math.sqrt(((0.5 - mean) ** 2 + (1.8 - mean) ** 2 + (2.4 - mean) ** 2) / 2)
+    assert (s.n, s.mean, s.sd) == (3, pytest.approx(mean), pytest.approx(sd))
+    assert s.ci_low == pytest.approx(mean - T975[2] * sd / math.sqrt(3))
+    assert s.ci_high == pytest.approx(mean + T975[2] * sd / math.sqrt(3))
+    p = paired_test(variant, baseline)
+    d = [-0.5, -0.2, -0.6]
+    d_mean = sum(d) / 3
+    d_sd = math.sqrt(sum((x - d_mean) ** 2 for x in d) / 2)
+    assert p.mean_diff == pytest.approx(d_mean) and p.sd == pytest.approx(d_sd)
+    assert p.ci_low == pytest.approx(d_mean - T975[2] * d_sd / math.sqrt(3))
+    assert p.t == pytest.approx(d_mean / (d_sd / math.sqrt(3)))
+    # t = -3.606 with 2 degrees of freedom: two-sided p = 0.0691 (from the t table's CDF).
+    assert p.p == pytest.approx(0.06905, abs=1e-4) and not p.excludes_zero
+
+
+TOY = {
+    "task": "toy",
+    "toy": {"num_train": 64, "num_eval": 16, "hidden_size": 16, "num_heads": 2, "seq_len": 8, "dropout": 0.0},
+    "train": {"output_dir": "unused", "max_steps": 40, "micro_batch_size": 8, "precision": "fp32", "log_every": 2,
+              "eval_every": 8},
+    "optim": {"groups": [{"name": "all", "patterns": ["*"], "lr": 1.0e-2}], "warmup_ratio": 0.0},
+}
+
+
+def write_spec(tmp_path: Path, variants: dict | None = None) -> Path:
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(TOY))
+    spec = {
+        "name": "toy-grid", "recipe": "toy.yaml", "seeds": [0, 1], "baseline": "smoe",
+        "variants": variants or {"smoe": ["toy.moe.router=smoe"], "competesmoe": [
+            "toy.moe.router=competesmoe", "toy.moe.router_options.warmup_fraction=0.0",
+            "toy.moe.router_options.competition_prob=0.5"]},
+        "primary": {"name": "eval/loss", "goal": "min"}, "secondary": ["train/loss"],
+        "save_every": 4, "min_tokens": 1000,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # variants run in the order written
+    return path
+
+
+def study(spec: Path, out: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llava_smoe.cli", "study", str(spec), "--out", str(out), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.slow
+def test_study_runs_every_cell_resumes_a_killed_one_and_reports(tmp_path):
+    spec, out = write_spec(tmp_path), tmp_path / "study"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    last = out / "cells" / "competesmoe" / "s1"
+    proc = subprocess.Popen([sys.executable, "-m", "llava_smoe.cli", "study", str(spec), "--out", str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 500
+    while not (last / "run" / "checkpoints" / "step-00000004").is_dir():  # the last cell has saved once
+        assert proc.poll() is None and time.time() < deadline, "the study ended before the last cell saved"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    records = {p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())
+               for p in (out / "cells").glob("*/*/cell.json")}
+    assert [k for k, r in sorted(records.items()) if r["status"] == "done"] == ["competesmoe/s0", "smoe/s0", "smoe/s1"]
+    assert records["competesmoe/s1"]["status"] == "running"
+    finished = {k: (out / "cells" / k / "cell.json").stat().st_mtime_ns for k in ("smoe/s0", "smoe/s1")}
+
+    again = study(spec, out, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "3 done, 1 to run" in again.stdout
+    assert {k: (out / "cells" / k / "cell.json").stat().st_mtime_ns for k in finished} == finished  # skipped
+    assert "resumed from" in (last / "log.txt").read_text()
+    resumed = json.loads((last / "cell.json").read_text())["metrics"]
+
+    # The resumed cell equals the same cell trained without interruption.
+    from llava_smoe.study.runner import Study
+    from llava_smoe.study.spec import load_spec
+
+    loaded, spec_dir = load_spec(spec)
+    cell = next(c for c in Study(loaded, spec_dir, out).cells if c.key == "competesmoe/s1")
+    ref_dir = tmp_path / "reference"
+    overrides = [o if not o.startswith("train.output_dir=") else f"train.output_dir={ref_dir}"
+                 for o in Study(loaded, spec_dir, out).cell_overrides(cell)]
+    subprocess.run([sys.executable, "-m", "llava_smoe.cli", "train", str(tmp_path / "toy.yaml"), *overrides],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    from llava_smoe.study.metrics import cell_metrics
+
+    reference = cell_metrics(ref_dir)
+    assert resumed["eval/loss"] == pytest.approx(reference["eval/loss"], abs=1e-6)
+    assert resumed["train/loss"] == pytest.approx(reference["train/loss"], abs=1e-6)
+    assert resumed["steps"] == reference["steps"] == 40
+
+    # The report: per-variant statistics and paired differences equal a hand computation.
+    report = json.loads((out / "study.json").read_text())
+    cells = {(c["variant"], c["seed"]): c["metrics"] for c in report["cells"]}
+    x = [cells[("competesmoe", s)]["eval/loss"] for s in (0, 1)]
+    b = [cells[("smoe", s)]["eval/loss"] for s in (0, 1)]
+    stats = report["variants"]["competesmoe"]["eval/loss"]
+    mean, sd = sum(x) / 2, abs(x[0] - x[1]) / math.sqrt(2)
+    assert stats["mean"] == pytest.approx(mean) and stats["sd"] == pytest.approx(sd)
+    assert stats["ci_high"] == pytest.approx(mean + T975[1] * sd / math.sqrt(2))
+    d = [x[0] - b[0], x[1] - b[1]]
+    paired = report["paired"]["competesmoe"]["eval/loss"]
+    assert paired["mean_diff"] == pytest.approx(sum(d) / 2)
+    assert paired["ci_low"] == pytest.approx(sum(d) / 2 - T975[1] * (abs(d[0] - d[1]) / math.sqrt(2)) / math.sqrt(2))
+    assert report["overhead"]["competesmoe"]["n"] == 2 and report["variants"]["smoe"]["steps"]["mean"] == 40
+    assert report["variants"]["competesmoe"]["expert_evals_per_token"]["mean"] > 2.0  # competition steps run all 4
+    assert report["equal_wall_clock"]["seconds"] > 0 and set(report["equal_wall_clock"]["variants"]) == {
+        "smoe", "competesmoe"}
+    assert report["environment"]["code"]["commit"] and report["environment"]["versions"]["torch"]
+    assert "competesmoe's eval/loss is" in report["verdicts"][0]
+    md = (out / "study.md").read_text()
+    assert "## At equal steps" in md and "## At equal wall-clock" in md and "| competesmoe | 2 |" in md
+    for name in ("curves_eval_loss.png", "final_eval_loss.png", "overhead.png"):
+        width, height = _png_size(out / name)
+        assert width > 200 and height > 200
+
+    # Settings that changed are named, and refused unless mixing is allowed.
+    changed = write_spec(tmp_path, {"smoe": ["toy.moe.router=smoe", "toy.moe.top_k=1"], "competesmoe": [
+        "toy.moe.router=competesmoe", "toy.moe.router_options.warmup_fraction=0.0",
+        "toy.moe.router_options.competition_prob=0.5"]})
+    refused = study(changed, out, env=env)
+    assert refused.returncode == 1
+    assert "smoe/s0: config.toy.moe.top_k: 2 -> 1" in refused.stderr and "--allow-mixed" in refused.stderr
+    allowed = study(changed, out, "--allow-mixed", env=env)
+    assert allowed.returncode == 0 and "warning: mixing provenance: smoe/s0" in allowed.stdout
+
+
+def test_spec_errors_name_the_key(tmp_path):
+    from llava_smoe.cli import main
+    from llava_smoe.config import ConfigError
+    from llava_smoe.study.spec import load_spec
+
+    spec = write_spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    for change, message in (({"baseline": "dense"}, "baseline: 'dense' is not one of the variants"),
+                            ({"primary": {"name": "accuracy"}}, "evaluate: metrics ['accuracy'] need an `evaluate`"),
+                            ({"seeds": [0, 0]}, "seeds: need distinct seeds"),
+                            ({"variant": {}}, "unknown key 'variant'")):
+        spec.write_text(yaml.safe_dump({**data, **change}))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_spec(spec)
+    spec.write_text(yaml.safe_dump({**data, "variants": {**data["variants"], "broken": ["toy.moe.router=nope"]}}))
+    assert main(["study", str(spec), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
