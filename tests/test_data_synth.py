@@ -4,6 +4,7 @@ import os
 from collections import Counter, defaultdict
 
 import pytest
+from PIL import Image
 
 from llava_smoe.cli import main as cli_main
 from llava_smoe.data import (
@@ -215,3 +216,75 @@ def test_side_questions_offer_both_answers_in_the_chosen_order(tmp_path, options
         assert min(orders.values()) >= 0.1 * sum(orders.values())
     with pytest.raises(ValueError, match="side_options must be one of"):
         ShapesWorldConfig(side_options="sorted")
+
+
+def _answer_from_scene(question: str, scene: str, grid: int) -> str:
+    """Answer a shapes-world question from the scene alone (an independent reader of the layout)."""
+    import re
+
+    from llava_smoe.data.synth import CELL_NAMES, COUNT_WORDS
+
+    cells = CELL_NAMES[grid]
+    objects = [(int(c), color, shape) for c, color, shape in (o.split(":") for o in scene.split("|"))]
+    at = {c: (color, shape) for c, color, shape in objects}
+    if question == "How many shapes are there?":
+        return COUNT_WORDS[len(objects)]
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return COUNT_WORDS[sum(color == m[1] for _, color, _ in objects)]
+    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        return COUNT_WORDS[sum(shape == m[1] for _, _, shape in objects)]
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        (color,) = [c for _, c, s in objects if s == m[1]]  # asked only when the shape is unique
+        return color
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        (shape,) = [s for _, c, s in objects if c == m[1]]
+        return shape
+    if m := re.fullmatch(r"What (shape|color) is (?:the shape )?in the (.+)\?", question):
+        color, shape = at[cells.index(m[2])]
+        return shape if m[1] == "shape" else color
+    if m := re.fullmatch(r"What (shape|color) is (?:the shape )?(left of|right of|above|below) the (\w+) (\w+)\?",
+                         question):
+        (cell,) = [c for c, col, s in objects if (col, s) == (m[3], m[4])]
+        row, col = divmod(cell, grid)
+        row, col = {"left of": (row, col - 1), "right of": (row, col + 1), "above": (row - 1, col),
+                    "below": (row + 1, col)}[m[2]]
+        color, shape = at[row * grid + col]
+        return shape if m[1] == "shape" else color
+    if m := re.fullmatch(r"Is the (\w+) (\w+) (?:on|at) the (\w+) or the (\w+)\?", question):
+        (cell,) = [c for c, col, s in objects if (col, s) == (m[1], m[2])]
+        row, col = divmod(cell, grid)
+        if {m[3], m[4]} == {"left", "right"}:
+            return "left" if col < grid / 2 else "right"
+        return "top" if row < grid / 2 else "bottom"
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def test_hard_world_is_deterministic_and_every_answer_is_in_the_image(tmp_path):
+    from llava_smoe.data.synth import HARD_WORLD
+
+    config = ShapesWorldConfig(seed=4, num_train=300, num_val=30, num_test=60, num_heldout=20, single_turn=True,
+                               caption_order="random", **HARD_WORLD)
+    generate_shapes_world(config, tmp_path / "a")
+    generate_shapes_world(config, tmp_path / "b")
+    for name in ("instruct_train.json", "instruct_test.json", "pretrain.json", "text.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a/images/test/000007.png").read_bytes() == (tmp_path / "b/images/test/000007.png").read_bytes()
+
+    seen = Counter()
+    for split in ("train", "test", "heldout"):
+        for record in json.loads((tmp_path / "a" / f"instruct_{split}.json").read_text()):
+            if "meta" not in record:
+                continue  # text-only facts
+            question = record["conversations"][0]["value"].removeprefix("<image>\n")
+            assert _answer_from_scene(question, record["meta"]["scene"], 3) == record["conversations"][1]["value"], record
+            seen[record["meta"]["types"][0]] += 1
+    assert set(seen) == set(HARD_WORLD["question_types"])  # every type is asked
+    with Image.open(tmp_path / "a/images/train/000000.png") as im:
+        assert im.size == (48, 48)
+    # the original world's questions read the same way
+    generate_shapes_world(ShapesWorldConfig(seed=1, num_train=100, num_val=0, num_test=0, num_heldout=0,
+                                            single_turn=True), tmp_path / "c")
+    for record in json.loads((tmp_path / "c" / "instruct_train.json").read_text()):
+        if "meta" in record:
+            question = record["conversations"][0]["value"].removeprefix("<image>\n")
+            assert _answer_from_scene(question, record["meta"]["scene"], 2) == record["conversations"][1]["value"]

@@ -1,5 +1,6 @@
-"""`llava-smoe bench moe|data|adamw`: time one MoE layer per router against dense and transformers
-baselines; batches with and without the sample cache; fused AdamW against the per-tensor loop."""
+"""`llava-smoe bench moe|data|adamw|step`: time one MoE layer per router against dense and
+transformers baselines; batches with and without the sample cache; fused AdamW against the
+per-tensor loop; a stage's training step, broken down, for variants of its recipe."""
 
 from __future__ import annotations
 
@@ -40,6 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs both variants)")
     data.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
+    step = sub.add_parser("step", help="a stage's training step broken down (data, forward, backward, ...), "
+                                        "for variants of its recipe against the recipe as it is")
+    step.add_argument("recipe", help="the stage's recipe")
+    step.add_argument("--out", required=True, help="JSON file for the result rows")
+    step.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override for every variant (e.g. the stage's data and init_from paths)")
+    step.add_argument("--variant", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
+                      help="a variant: a name, a colon, then overrides separated by spaces (repeatable)")
+    step.add_argument("--steps", type=int, default=60, help="timed optimizer steps per run")
+    step.add_argument("--warmup", type=int, default=10, help="untimed steps first, in every run")
+    step.add_argument("--repeats", type=int, default=3, help="rounds (each runs every variant once)")
+    step.add_argument("--profile", metavar="FILE", help="torch.profiler table of the recipe's first run")
+    step.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+
     adamw = sub.add_parser("adamw", help="AdamW steps: torch's fused kernel vs the per-tensor loop")
     adamw.add_argument("--out", required=True, help="JSON file for the result rows")
     adamw.add_argument("--hidden", type=int, default=128, help="hidden size D (default: the quickstart's LM)")
@@ -58,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.bench_command == "moe":
         return _run_moe(args)
+    if args.bench_command == "step":
+        return _run_step(args)
     from llava_smoe.bench import training
 
     if args.bench_command == "data":
@@ -79,6 +96,26 @@ def _write(rows: list[dict], out: str) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _run_step(args: argparse.Namespace) -> int:
+    from llava_smoe.bench.step import StepBenchConfig, markdown_table, run_step_bench
+
+    variants: dict[str, list[str]] = {"recipe": []}
+    for spec in args.variant:
+        name, sep, overrides = spec.partition(":")
+        if not sep or not name.strip():
+            raise SystemExit(f"--variant {spec!r}: expected 'NAME: KEY=VALUE ...'")
+        variants[name.strip()] = overrides.split()
+    config = StepBenchConfig(recipe=args.recipe, variants=variants, overrides=args.overrides, steps=args.steps,
+                             warmup=args.warmup, repeats=args.repeats)
+    rows = run_step_bench(config, Path(args.profile) if args.profile else None)
+    _write(rows, args.out)
+    print(f"{args.recipe}: {args.steps} steps per run after {args.warmup} warm-up, {args.repeats} interleaved "
+          f"rounds, {rows[0]['threads']} threads, torch {rows[0]['torch']}; milliseconds per step")
+    print(markdown_table(rows))
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _run_moe(args: argparse.Namespace) -> int:

@@ -15,8 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--num-val", type=int, default=200)
     synth.add_argument("--num-test", type=int, default=200)
     synth.add_argument("--num-heldout", type=int, default=100, help="images with held-out colour/shape pairs")
-    synth.add_argument("--image-size", type=int, default=32)
-    synth.add_argument("--max-shapes", type=int, default=3)
+    synth.add_argument("--hard", action="store_true",
+                       help="the harder world: 3x3 grid, 6 colours, 5 shapes, up to 5 objects, 48 px, counting by "
+                            "attribute and neighbour questions (its own image size, shape count and question types)")
+    synth.add_argument("--image-size", type=int, default=None, help="default: 32 (48 with --hard)")
+    synth.add_argument("--max-shapes", type=int, default=None, help="default: 3 (5 with --hard)")
     synth.add_argument("--max-turns", type=int, default=3, help="questions per image")
     synth.add_argument("--single-turn", action="store_true",
                        help="one record per question (the image before each) instead of one per image")
@@ -42,14 +45,18 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.data_command == "synth":
-        from llava_smoe.data.synth import ShapesWorldConfig, generate_shapes_world
+        from llava_smoe.data.synth import HARD_WORLD, ShapesWorldConfig, generate_shapes_world
 
+        world = dict(HARD_WORLD) if args.hard else {}
+        for key in ("image_size", "max_shapes"):
+            if getattr(args, key) is not None:
+                world[key] = getattr(args, key)
+        if args.question_types:
+            world["question_types"] = args.question_types.split(",")
         config = ShapesWorldConfig(
             seed=args.seed, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
-            num_heldout=args.num_heldout, image_size=args.image_size, max_shapes=args.max_shapes,
-            max_turns=args.max_turns, single_turn=args.single_turn, vocab_size=args.vocab_size,
-            caption_order=args.caption_order, side_options=args.side_options,
-            **({"question_types": args.question_types.split(",")} if args.question_types else {}),
+            num_heldout=args.num_heldout, max_turns=args.max_turns, single_turn=args.single_turn,
+            vocab_size=args.vocab_size, caption_order=args.caption_order, side_options=args.side_options, **world,
         )
         manifest = generate_shapes_world(config, args.out)
         print(json.dumps(manifest["counts"], indent=1))

@@ -6,6 +6,11 @@ from a 4-colour palette, on a plain background. Questions have single-word answe
 cell, side; presence on request), so answering without looking ("blind") scores near chance while
 a model that sees the image can reach near-perfect exact match.
 
+The harder world (`HARD_WORLD`: a 3x3 grid, up to 5 of 5 shapes in 6 colours, and questions that
+count by attribute and relate neighbouring shapes) is one the tiny pipeline does not saturate:
+room for capacity and routing to matter. The defaults generate the original world, byte for
+byte.
+
 Splits: every scene layout (which shape of which colour in which cell) belongs to exactly one
 of train / val / test through a seeded hash, so test images are unseen layouts, not just new
 pixels. Scenes containing a held-out (colour, shape) combination appear only in the extra
@@ -26,15 +31,25 @@ from PIL import Image, ImageDraw
 
 from llava_smoe.config import Config
 
-COLORS: dict[str, tuple[int, int, int]] = {
+PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 90, 220),
     "yellow": (235, 200, 30),
+    "purple": (140, 60, 190),
+    "orange": (245, 135, 30),
 }
-SHAPES = ("circle", "square", "triangle")
-CELLS = ("top left", "top right", "bottom left", "bottom right")  # row-major 2x2 grid
-NUMBERS = {1: "one", 2: "two", 3: "three"}
+ALL_SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = {name: PALETTE[name] for name in list(PALETTE)[:4]}  # the original world's
+SHAPES = ALL_SHAPES[:3]
+CELL_NAMES = {
+    2: ("top left", "top right", "bottom left", "bottom right"),
+    3: ("top left", "top middle", "top right", "middle left", "center", "middle right",
+        "bottom left", "bottom middle", "bottom right"),
+}  # row-major
+CELLS = CELL_NAMES[2]
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}
+COUNT_WORDS = {0: "zero", **NUMBERS}
 BACKGROUND = (245, 245, 245)
 SUPERSAMPLE = 4  # draw large, then downsample: clean edges at 32 px
 PRETRAIN_PROMPT = "<image>\nDescribe the image."
@@ -49,12 +64,21 @@ SHAPE_FACTS = [
 ]
 
 Obj = tuple[int, str, str]  # (cell, colour, shape)
-QUESTION_TYPES = ("count", "color_of_shape", "shape_of_color", "shape_at", "color_at", "exists", "side")
+QUESTION_TYPES = ("count", "color_of_shape", "shape_of_color", "shape_at", "color_at", "exists", "side",
+                  "count_color", "count_shape", "shape_next_to", "color_next_to")
+NEIGHBOURS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 # Presence questions ("Is there a red circle?") are off by default: their answer depends on the
 # question and the image only jointly (each alone says nothing), and gradient descent finds no
 # foothold in CPU minutes: the tiny model stays at chance even when trained on them alone.
-DEFAULT_QUESTION_TYPES = tuple(t for t in QUESTION_TYPES if t != "exists")
+DEFAULT_QUESTION_TYPES = ("count", "color_of_shape", "shape_of_color", "shape_at", "color_at", "side")
 ALWAYS_ASKABLE = {"count", "shape_at", "color_at"}
+# The harder world: 3x3 grid, 6 colours, 5 shapes, up to 5 objects, 48 px (16 px cells), and
+# questions that count by attribute and relate neighbours besides the original ones.
+HARD_WORLD = {
+    "grid": 3, "num_colors": 6, "num_shapes": 5, "max_shapes": 5, "image_size": 48,
+    "question_types": ["count", "color_of_shape", "shape_of_color", "shape_at", "color_at", "side",
+                       "count_color", "count_shape", "shape_next_to", "color_next_to"],
+}
 CAPTION_ORDERS = ("cells", "random")
 SIDE_OPTIONS = ("fixed", "random")
 
@@ -88,6 +112,23 @@ class ShapesWorldConfig(Config):
     caption_order: str = "cells"
     # Order of the two answers a side question offers: "fixed" (left / top first) or "random".
     side_options: str = "fixed"
+    # The world's size: a grid x grid layout, the first num_colors of PALETTE and num_shapes of
+    # ALL_SHAPES (the defaults are the original world).
+    grid: int = 2
+    num_colors: int = 4
+    num_shapes: int = 3
+
+    @property
+    def colors(self) -> list[str]:
+        return list(PALETTE)[: self.num_colors]
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return ALL_SHAPES[: self.num_shapes]
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        return CELL_NAMES[self.grid]
 
     def validate(self) -> None:
         for name in ("num_train", "num_val", "num_test", "num_heldout"):
@@ -95,10 +136,16 @@ class ShapesWorldConfig(Config):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_train == 0:
             raise ValueError("num_train must be > 0 (the tokenizer is trained on the training text)")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16 pixels for shapes to stay recognisable, got {self.image_size}")
-        if not 1 <= self.max_shapes <= len(CELLS):
-            raise ValueError(f"max_shapes must be in [1, {len(CELLS)}], got {self.max_shapes}")
+        if self.grid not in CELL_NAMES:
+            raise ValueError(f"grid must be one of {sorted(CELL_NAMES)}, got {self.grid}")
+        if not 2 <= self.num_colors <= len(PALETTE) or not 2 <= self.num_shapes <= len(ALL_SHAPES):
+            raise ValueError(f"num_colors must be in [2, {len(PALETTE)}] and num_shapes in [2, {len(ALL_SHAPES)}], "
+                             f"got {self.num_colors} and {self.num_shapes}")
+        if self.image_size < 8 * self.grid:
+            raise ValueError(f"image_size must be >= {8 * self.grid} pixels for shapes to stay recognisable, "
+                             f"got {self.image_size}")
+        if not 1 <= self.max_shapes <= len(self.cells):
+            raise ValueError(f"max_shapes must be in [1, {len(self.cells)}], got {self.max_shapes}")
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if not 0.0 <= self.text_only_fraction < 1.0:
@@ -114,9 +161,10 @@ class ShapesWorldConfig(Config):
             raise ValueError(f"caption_order must be one of {list(CAPTION_ORDERS)}, got {self.caption_order!r}")
         self.holdout_combos = [tuple(c) for c in self.holdout_combos]
         for color, shape in self.holdout_combos:
-            if color not in COLORS or shape not in SHAPES:
-                raise ValueError(f"held-out combination ({color!r}, {shape!r}) must use colours {list(COLORS)} and shapes {SHAPES}")
-        if len(self.holdout_combos) >= len(COLORS) * len(SHAPES) - 1:
+            if color not in self.colors or shape not in self.shapes:
+                raise ValueError(f"held-out combination ({color!r}, {shape!r}) must use colours {self.colors} and "
+                                 f"shapes {list(self.shapes)}")
+        if len(self.holdout_combos) >= len(self.colors) * len(self.shapes) - 1:
             raise ValueError("holding out that many combinations leaves too few to train on")
         if not set(self.question_types) <= set(QUESTION_TYPES) or not set(self.question_types) & ALWAYS_ASKABLE:
             raise ValueError(f"question_types must be a subset of {list(QUESTION_TYPES)} with at least one of "
@@ -139,9 +187,10 @@ def split_of(scene: list[Obj], seed: int) -> str:
 def sample_scene(rng: random.Random, split: str, config: ShapesWorldConfig) -> list[Obj]:
     held = set(config.holdout_combos)
     n = rng.randint(1, config.max_shapes)  # drawn once so counts stay balanced under rejection
+    colors, shapes = config.colors, config.shapes
     for _ in range(100_000):
-        cells = sorted(rng.sample(range(len(CELLS)), n))
-        scene = [(c, rng.choice(list(COLORS)), rng.choice(SHAPES)) for c in cells]
+        cells = sorted(rng.sample(range(len(config.cells)), n))
+        scene = [(c, rng.choice(colors), rng.choice(shapes)) for c in cells]
         has_held = any((color, shape) in held for _, color, shape in scene)
         if split == "heldout":
             if has_held:
@@ -152,34 +201,45 @@ def sample_scene(rng: random.Random, split: str, config: ShapesWorldConfig) -> l
 
 
 def render_scene(scene: list[Obj], image_size: int, rng: random.Random,
-                 size_range: tuple[float, float] = (0.7, 0.8), jitter: float = 0.2) -> Image.Image:
+                 size_range: tuple[float, float] = (0.7, 0.8), jitter: float = 0.2, grid: int = 2) -> Image.Image:
     side = image_size * SUPERSAMPLE
-    cell = side / 2
+    cell = side / grid
     canvas = Image.new("RGB", (side, side), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for c, color, shape in scene:
-        row, col = divmod(c, 2)
+        row, col = divmod(c, grid)
         size = cell * rng.uniform(*size_range)
         slack = cell - size
         x0 = col * cell + (0.5 + rng.uniform(-0.5, 0.5) * jitter) * slack
         y0 = row * cell + (0.5 + rng.uniform(-0.5, 0.5) * jitter) * slack
         box = (x0, y0, x0 + size, y0 + size)
-        fill = COLORS[color]
+        fill = PALETTE[color]
         if shape == "circle":
             draw.ellipse(box, fill=fill)
         elif shape == "square":
             draw.rectangle(box, fill=fill)
-        else:
+        elif shape == "triangle":
             draw.polygon([(x0 + size / 2, y0), (x0 + size, y0 + size), (x0, y0 + size)], fill=fill)
+        elif shape == "diamond":
+            h = size / 2
+            draw.polygon([(x0 + h, y0), (x0 + size, y0 + h), (x0 + h, y0 + size), (x0, y0 + h)], fill=fill)
+        else:  # cross: a plus sign of bars a third of the size wide
+            t = size / 3
+            draw.rectangle((x0 + t, y0, x0 + 2 * t, y0 + size), fill=fill)
+            draw.rectangle((x0, y0 + t, x0 + size, y0 + 2 * t), fill=fill)
     return canvas.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def describe(scene: list[Obj], rng: random.Random | None = None) -> str:
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe(scene: list[Obj], rng: random.Random | None = None, cells: tuple[str, ...] = CELLS) -> str:
     """The caption; objects in cell order, or shuffled by `rng` when given."""
     objects = sorted(scene)
     if rng is not None:
         rng.shuffle(objects)
-    parts = [f"a {color} {shape} in the {CELLS[c]}" for c, color, shape in objects]
+    parts = [f"{_article(color)} {color} {shape} in the {cells[c]}" for c, color, shape in objects]
     if len(parts) == 1:
         return f"There is {parts[0]}."
     listed = ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -189,6 +249,7 @@ def describe(scene: list[Obj], rng: random.Random | None = None) -> str:
 def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str) -> list[tuple[str, str, str]]:
     """One (question, answer, type) per applicable question type for this scene."""
     held = set(config.holdout_combos) if split != "heldout" else set()
+    CELLS, COLORS, SHAPES = config.cells, config.colors, config.shapes  # noqa: N806 - this world's
     shape_counts = Counter(s for _, _, s in scene)
     color_counts = Counter(c for _, c, _ in scene)
     combo_counts = Counter((c, s) for _, c, s in scene)
@@ -213,17 +274,56 @@ def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorl
         color, shape = rng.choice(absent)
         out.append((f"Is there a {color} {shape}?", "no", "exists"))
     unique_combos = [o for o in scene if combo_counts[(o[1], o[2])] == 1]
+    g, middle = config.grid, config.grid // 2 if config.grid % 2 else None
     if unique_combos:
         c, color, shape = rng.choice(unique_combos)
-        row, col = divmod(c, 2)
+        row, col = divmod(c, g)
         if rng.random() < 0.5:
-            options, answer, where = ("left", "right"), "left" if col == 0 else "right", "on"
+            options, answer, where = ("left", "right"), "left" if col < g / 2 else "right", "on"
+            central = col == middle
         else:
-            options, answer, where = ("top", "bottom"), "top" if row == 0 else "bottom", "at"
+            options, answer, where = ("top", "bottom"), "top" if row < g / 2 else "bottom", "at"
+            central = row == middle
         if config.side_options == "random" and rng.random() < 0.5:
             options = options[::-1]
-        out.append((f"Is the {color} {shape} {where} the {options[0]} or the {options[1]}?", answer, "side"))
+        if not central:  # a shape in the middle column (or row) is on neither side
+            out.append((f"Is the {color} {shape} {where} the {options[0]} or the {options[1]}?", answer, "side"))
+    # The harder world's questions; drawn only when asked for, so the original world's draws stay as they were.
+    wanted = set(config.question_types)
+    # Counting by attribute, absent ones included ("zero"): the count is drawn first, uniformly
+    # over those the scene has, so that "one" (most attributes appear once) is not the answer
+    # blind guessing learns.
+    if "count_color" in wanted:
+        counts = Counter({c: color_counts[c] for c in COLORS})
+        color = _by_count(counts, rng)
+        out.append((f"How many {color} shapes are there?", COUNT_WORDS[counts[color]], "count_color"))
+    if "count_shape" in wanted:
+        counts = Counter({s: shape_counts[s] for s in SHAPES})
+        shape = _by_count(counts, rng)
+        out.append((f"How many {shape}s are there?", COUNT_WORDS[counts[shape]], "count_shape"))
+    by_cell = {c: (color, shape) for c, color, shape in scene}
+    for kind in ("shape_next_to", "color_next_to"):
+        if kind not in wanted:
+            continue
+        pairs = []  # (a uniquely described shape, a relation, the shape in that neighbouring cell)
+        for c, color, shape in unique_combos:
+            row, col = divmod(c, g)
+            for relation, (dr, dc) in NEIGHBOURS.items():
+                r2, c2 = row + dr, col + dc
+                if 0 <= r2 < g and 0 <= c2 < g and r2 * g + c2 in by_cell:
+                    pairs.append((color, shape, relation, by_cell[r2 * g + c2]))
+        if pairs:
+            color, shape, relation, (n_color, n_shape) = rng.choice(pairs)
+            if kind == "shape_next_to":
+                out.append((f"What shape is {relation} the {color} {shape}?", n_shape, kind))
+            else:
+                out.append((f"What color is the shape {relation} the {color} {shape}?", n_color, kind))
     return [q for q in out if q[2] in config.question_types]
+
+
+def _by_count(counts: Counter, rng: random.Random) -> str:
+    n = rng.choice(sorted(set(counts.values())))
+    return rng.choice(sorted(k for k, v in counts.items() if v == n))
 
 
 def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str) -> tuple[list[dict], list[str]]:
@@ -271,13 +371,14 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
         for i in range(n):
             scene = sample_scene(rng, split, config)
             rel = f"{split}/{i:06d}.png"
-            render_scene(scene, config.image_size, rng, config.size_range, config.jitter).save(os.path.join(out_dir, "images", rel))
+            render_scene(scene, config.image_size, rng, config.size_range, config.jitter,
+                         config.grid).save(os.path.join(out_dir, "images", rel))
             conversation, qtypes = make_conversation(scene, rng, config, split)
             files[f"instruct_{split}"] += _records(f"{split}-{i:06d}", rel, scene, conversation, qtypes, config.single_turn)
             answers[split].update(t["value"] for t in conversation if t["from"] == "gpt")
             types[split].update(qtypes)
             if split == "train":
-                caption = describe(scene, rng if config.caption_order == "random" else None)
+                caption = describe(scene, rng if config.caption_order == "random" else None, config.cells)
                 files["pretrain"].append({
                     "id": f"pretrain-{i:06d}",
                     "image": rel,
@@ -315,9 +416,9 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
         "counts": {name: len(records) for name, records in files.items()} | {"text_lines": len(text_lines)},
         "answer_counts": {s: dict(sorted(c.items())) for s, c in answers.items()},
         "question_types": {s: dict(sorted(c.items())) for s, c in types.items()},
-        "colors": list(COLORS),
-        "shapes": list(SHAPES),
-        "cells": list(CELLS),
+        "colors": config.colors,
+        "shapes": list(config.shapes),
+        "cells": list(config.cells),
     }
     _write_json(os.path.join(out_dir, "manifest.json"), manifest)
     return manifest

@@ -19,8 +19,9 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +83,36 @@ class TrainResult:
     message: str
     checkpoint: Path | None = None
     export_dir: Path | None = None
+
+
+class PhaseTimes:
+    """Seconds spent in each phase of the training steps (`llava-smoe bench step` turns it on).
+    On the CPU every phase ends when its work does; on a GPU, kernels still running are counted
+    in whichever later phase waits for them."""
+
+    def __init__(self, skip_steps: int = 0) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.skip_steps = skip_steps  # untimed warm-up steps
+        self.steps = 0  # timed steps
+        self._done = 0
+        self._last_end: float | None = None
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._done >= self.skip_steps:
+                self.seconds[name] += time.perf_counter() - t0
+
+    def end_step(self) -> None:
+        now = time.perf_counter()
+        if self._done >= self.skip_steps and self._last_end is not None:
+            self.seconds["step"] += now - self._last_end
+            self.steps += 1
+        self._done += 1
+        self._last_end = now
 
 
 def seed_everything(seed: int) -> None:
@@ -186,7 +217,11 @@ class Trainer:
         # produce fewer (CompeteSMoE's competition losses exist only on competition steps).
         self._aux_names = aux_loss_names(self.module)
         self._moe_layers = [layer for _, layer in moe_layers(self.module)]  # found once, not per forward
+        self.phases: PhaseTimes | None = None
         self.skipped_samples: Counter[str] = Counter()  # by reason, this process, since start
+
+    def _phase(self, name: str):
+        return self.phases(name) if self.phases is not None else nullcontext()
 
     def _build_sampler(self, dataset) -> ResumableSampler | ModalityLengthGroupedSampler:
         cfg, d = self.cfg, self.dist
@@ -269,9 +304,11 @@ class Trainer:
             loss = lm_loss + sum(aux.values())
             finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
             if finite:
-                norm_after = self.backend.step()
+                with self._phase("optimizer"):
+                    norm_after = self.backend.step()
                 grad_norm = norm_after if norm_after is not None else grad_norm
-                moe_optimizer_step(self.module, state.step + 1)
+                with self._phase("moe_step"):
+                    moe_optimizer_step(self.module, state.step + 1)
                 interval.add(loss, lm_loss, aux, grad_norm)
             else:
                 self.backend.skip_step()
@@ -283,6 +320,8 @@ class Trainer:
             state.step += 1
             logger.advance()
             step = state.step
+            if self.phases is not None:
+                self.phases.end_step()
 
             if state.nonfinite >= cfg.max_nonfinite:
                 status = "nonfinite"
@@ -290,9 +329,10 @@ class Trainer:
                            f"train.max_nonfinite={cfg.max_nonfinite}; last checkpoint: {last_saved or 'none'}. "
                            "Lower the learning rate or check the data, then resume from that checkpoint.")
             if step % cfg.log_every == 0 or step == self.total_steps or status != "completed":
-                record = interval.record(step, state.epoch, lrs, state.nonfinite, self.module)
-                record.update({f"data/skipped/{k}": v for k, v in self.skipped_samples.items()})
-                logger.log(record)
+                with self._phase("log"):
+                    record = interval.record(step, state.epoch, lrs, state.nonfinite, self.module)
+                    record.update({f"data/skipped/{k}": v for k, v in self.skipped_samples.items()})
+                    logger.log(record)
                 interval = _Interval()
             if status != "completed":
                 break
@@ -335,7 +375,8 @@ class Trainer:
     def _accumulate(self, batches: Iterator[Any]) -> tuple[float, dict[str, float], int, int, float | None]:
         """Forward/backward over grad_accum micro-batches; one all-reduce and one host sync."""
         ga, world = self.cfg.grad_accum, self.dist.world_size
-        micro = [next(batches) for _ in range(ga)]
+        with self._phase("data"):
+            micro = [next(batches) for _ in range(ga)]
         for batch in micro:
             if isinstance(batch, dict) and "skipped" in batch:  # samples a data policy dropped
                 self.skipped_samples.update(batch.pop("skipped"))
@@ -343,34 +384,39 @@ class Trainer:
         items = self._loss_items(micro)
         sums: torch.Tensor | None = None
         for i, batch in enumerate(micro):
-            batch = to_device(batch, self.dist.device)
+            with self._phase("data"):
+                batch = to_device(batch, self.dist.device)
             if items is not None:
                 # The loss comes back as summed token losses / (step tokens / world): data-parallel
                 # gradient averaging then makes it the mean over the step's tokens.
                 batch["num_items_in_batch"] = items / world
             boundary = i == ga - 1
             with self.backend.accumulation(boundary):
-                out = self.backend.forward(batch)
-                aux = collect_aux_losses(self._moe_layers)
-                undeclared = set(aux) - set(self._aux_names)
-                if undeclared:
-                    raise RuntimeError(f"MoE layers returned undeclared aux losses {sorted(undeclared)}; "
-                                       f"declared: {self._aux_names} (see Router.aux_loss_names)")
-                lm_loss = out.loss if items is not None else out.loss / ga
-                total = lm_loss + sum(aux.values()) / ga if aux else lm_loss
-                self.backend.backward(total, boundary)
+                with self._phase("forward"):
+                    out = self.backend.forward(batch)
+                with self._phase("aux"):
+                    aux = collect_aux_losses(self._moe_layers)
+                    undeclared = set(aux) - set(self._aux_names)
+                    if undeclared:
+                        raise RuntimeError(f"MoE layers returned undeclared aux losses {sorted(undeclared)}; "
+                                           f"declared: {self._aux_names} (see Router.aux_loss_names)")
+                    lm_loss = out.loss if items is not None else out.loss / ga
+                    total = lm_loss + sum(aux.values()) / ga if aux else lm_loss
+                with self._phase("backward"):
+                    self.backend.backward(total, boundary)
             zero = out.loss.detach().float().new_zeros(())
             parts = torch.stack([lm_loss.detach().float(), *(aux[k].detach().float() / ga if k in aux else zero
                                                              for k in self._aux_names)])
             sums = parts if sums is None else sums + parts
-        vec = torch.cat([sums, torch.tensor([float(tokens), float(self._stop_requested)], device=sums.device)])
-        if self.dist.enabled and self.dist.world_size > 1:
-            dist.all_reduce(vec)
-            vec[:-2] /= self.dist.world_size
-        grad_norm = self.backend.grad_norm_before_step()
-        if grad_norm is not None:
-            vec = torch.cat([vec, grad_norm.detach().float().reshape(1).to(vec.device)])
-        host = vec.tolist()  # the step's single device -> host sync
+        with self._phase("sync"):
+            vec = torch.cat([sums, torch.tensor([float(tokens), float(self._stop_requested)], device=sums.device)])
+            if self.dist.enabled and self.dist.world_size > 1:
+                dist.all_reduce(vec)
+                vec[:-2] /= self.dist.world_size
+            grad_norm = self.backend.grad_norm_before_step()
+            if grad_norm is not None:
+                vec = torch.cat([vec, grad_norm.detach().float().reshape(1).to(vec.device)])
+            host = vec.tolist()  # the step's single device -> host sync
         n = 1 + len(self._aux_names)
         aux_vals = dict(zip(self._aux_names, host[1:n], strict=True))
         return host[0], aux_vals, int(host[n]), int(host[n + 1]), (host[n + 2] if grad_norm is not None else None)
