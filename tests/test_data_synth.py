@@ -288,3 +288,48 @@ def test_hard_world_is_deterministic_and_every_answer_is_in_the_image(tmp_path):
         if "meta" in record:
             question = record["conversations"][0]["value"].removeprefix("<image>\n")
             assert _answer_from_scene(question, record["meta"]["scene"], 2) == record["conversations"][1]["value"]
+
+
+@pytest.mark.parametrize("world", ["single", "scatter"])
+def test_held_out_worlds_are_deterministic_and_answerable(tmp_path, world):
+    import re
+
+    from llava_smoe.data.worlds import WorldConfig, generate_world
+
+    config = WorldConfig(world=world, seed=1, num_train=200, num_val=0, num_test=50)
+    generate_world(config, tmp_path / "a")
+    manifest = generate_world(config, tmp_path / "b")
+    assert (tmp_path / "a/instruct_train.json").read_bytes() == (tmp_path / "b/instruct_train.json").read_bytes()
+    assert (tmp_path / "a/images/test/000003.png").read_bytes() == (tmp_path / "b/images/test/000003.png").read_bytes()
+    records = json.loads((tmp_path / "a/instruct_train.json").read_text())
+    assert len(records) == 200 and (tmp_path / "a/pretrain.json").is_file() == (world == "scatter")
+    for r in records:
+        question, answer = r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"]
+        objects = [o.split(":") for o in r["meta"]["scene"].split("|")]
+        if world == "single":
+            (color, shape), = objects
+            expected = {"What color is the shape?": color, "What shape is it?": shape}.get(question)
+            if expected is None and (m := re.fullmatch(r"Is there a (\w+) shape\?", question)):
+                expected = "yes" if m[1] == color else "no"
+            if expected is None and (m := re.fullmatch(r"Is there a (\w+)\?", question)):
+                expected = "yes" if m[1] == shape else "no"
+        else:
+            xs = {(c, s): int(x) for x, c, s in objects}
+            if question == "How many shapes are there?":
+                expected = {2: "two", 3: "three", 4: "four"}[len(objects)]
+            elif m := re.fullmatch(r"What color is the (\w+)\?", question):
+                (expected,) = [c for _, c, s in objects if s == m[1]]
+            elif m := re.fullmatch(r"What shape is the (\w+) one\?", question):
+                (expected,) = [s for _, c, s in objects if c == m[1]]
+            else:
+                m = re.fullmatch(r"Which is further left, the (\w+) (\w+) or the (\w+) (\w+)\?", question)
+                a, b = (m[1], m[2]), (m[3], m[4])
+                expected = (a if xs[a] < xs[b] else b)[1]
+        assert expected == answer, r
+    kinds = manifest["question_types"]["train"]
+    if world == "single":  # three in four questions are yes/no, half of those "no"
+        yes_no = [r for r in records if r["meta"]["types"][0].startswith("yes_")]
+        assert 0.65 < len(yes_no) / len(records) < 0.85
+        assert 0.4 < sum(r["conversations"][1]["value"] == "no" for r in yes_no) / len(yes_no) < 0.6
+    else:
+        assert set(kinds) == {"count", "color_of_shape", "shape_of_color", "further_left"}

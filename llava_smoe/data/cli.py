@@ -32,6 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated subset of count,color_of_shape,shape_of_color,shape_at,color_at,"
                             "exists,side (default: all but exists)")
 
+    world = sub.add_parser("world", help="write a held-out world (data the tiny recipes were not tuned on)")
+    world.add_argument("name", choices=("single", "scatter"),
+                       help="single: one shape per 64 px image, mostly yes/no questions; scatter: 2-4 shapes, 48 px")
+    world.add_argument("--out", required=True)
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--num-train", type=int, default=3000, help="training images (one question each)")
+    world.add_argument("--num-val", type=int, default=200)
+    world.add_argument("--num-test", type=int, default=500)
+
     check = sub.add_parser("check", help="build every sample once and report bad ones")
     check.add_argument("--data", required=True, help="LLaVA .json or .jsonl file")
     check.add_argument("--image-folder", default=None)
@@ -59,6 +68,14 @@ def run(args: argparse.Namespace) -> int:
             vocab_size=args.vocab_size, caption_order=args.caption_order, side_options=args.side_options, **world,
         )
         manifest = generate_shapes_world(config, args.out)
+        print(json.dumps(manifest["counts"], indent=1))
+        return 0
+
+    if args.data_command == "world":
+        from llava_smoe.data.worlds import WorldConfig, generate_world
+
+        manifest = generate_world(WorldConfig(world=args.name, seed=args.seed, num_train=args.num_train,
+                                              num_val=args.num_val, num_test=args.num_test), args.out)
         print(json.dumps(manifest["counts"], indent=1))
         return 0
 
