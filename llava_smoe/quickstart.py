@@ -1,12 +1,18 @@
-"""The embedded default, end to end: synthetic data, every tiny stage, held-out evaluation.
+"""Every tiny stage end to end on the CPU, on the built-in shapes world or on your own data.
 
 `llava-smoe quickstart` (what `scripts/quickstart.sh` runs) generates the shapes world, pretrains
-the tiny vision tower contrastively on its captions (CLIP's loss) and the tiny language model on
-its text, pretrains the projector (and the LM) on the captions with the tower frozen, upcycles
-the LM into MoE layers with the chosen router and instruction-tunes (a Mixture of Tokens model
-is then converted to token-choice routing and briefly re-tuned), then answers the held-out test
-questions twice: with the image, and with the image replaced by a blank one (the answers must
-depend on the image). Results go to `OUT/summary.json`.
+the tiny language model on its text and the tiny vision tower contrastively on its captions
+(CLIP's loss), pretrains the projector (and the LM) on the captions with the tower frozen,
+upcycles the LM into MoE layers with the chosen router and instruction-tunes (a Mixture of
+Tokens model is then converted to token-choice routing and briefly re-tuned), then answers the
+held-out test questions twice: with the image, and with the image replaced by a blank one (the
+answers must depend on the image). Results go to `OUT/summary.json`; the stage timings are
+printed at the end.
+
+With `--train FILE --test FILE --image-folder DIR` the same stages run on a LLaVA-format
+dataset of yours: a byte-level BPE is trained on its text by the LM stage and used by every
+stage; captions (`--captions`) are optional: without them each image's questions and answers,
+joined, stand in for its caption.
 """
 
 from __future__ import annotations
@@ -14,16 +20,34 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STAGES = ("vision", "lm", "pretrain", "finetune_moe")
+STAGES = ("lm", "vision", "pretrain", "finetune_moe")
 TRANSITION_STEPS = 150  # Mixture of Tokens only: token-choice re-tuning before evaluation
 IMAGE_SIZE = 32  # the tiny tower sees 16 px patches: one per grid cell
 NUM_TRAIN_IMAGES = 8000  # distinct layouts: fewer and the tiny model memorises scenes instead of learning cells
 # ~2,000 test questions: the standard error of the accuracy is ~0.007 (~0.015 with the generator's
 # default 200 images), small enough to compare routers on one run each.
 NUM_TEST_IMAGES = 1000
+
+
+@dataclass
+class PipelineData:
+    """What the stages read. tokenizer None: the LM stage trains a BPE on `text` and every later
+    stage uses it. text None: written from the captions and Q&A. captions None: each image's
+    questions and answers, joined."""
+
+    train: Path
+    test: Path
+    images: Path
+    val: Path | None = None
+    captions: Path | None = None
+    tokenizer: Path | None = None
+    text: Path | None = None
+    image_size: int = IMAGE_SIZE
+    patch_size: int = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training images to generate (default: {NUM_TRAIN_IMAGES})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted recipe override applied to every stage, e.g. train.max_steps=20 (repeatable)")
+    own = parser.add_argument_group("your own data (instead of the shapes world)")
+    own.add_argument("--train", help="LLaVA .json of training questions and answers (records with an image)")
+    own.add_argument("--test", help="LLaVA .json of held-out questions the summary scores")
+    own.add_argument("--val", help="LLaVA .json of validation questions (eval/loss during training)")
+    own.add_argument("--captions", help="LLaVA .json of image captions (default: each image's Q&A, joined)")
+    own.add_argument("--image-folder", help="the folder the records' image paths are relative to")
+    own.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                     help=f"side the tower sees images at, a multiple of 16 (default: {IMAGE_SIZE})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,13 +81,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from llava_smoe.config import ConfigError
+
+    own = [args.train, args.test, args.image_folder]
+    if any(own) and not all(own):
+        raise ConfigError("your own data needs --train, --test and --image-folder together")
+    data = None
+    if args.train:
+        data = PipelineData(train=Path(args.train), test=Path(args.test), images=Path(args.image_folder),
+                            val=Path(args.val) if args.val else None,
+                            captions=Path(args.captions) if args.captions else None, image_size=args.image_size)
     summary = run_quickstart(Path(args.out), Path(args.data), Path(args.recipes), args.router, args.seed,
-                             progress=not args.no_progress, num_train=args.num_train, overrides=args.overrides)
+                             progress=not args.no_progress, num_train=args.num_train, overrides=args.overrides,
+                             own_data=data)
     print_summary(summary)
     return 0
 
 
-def _synthesize(data: Path, seed: int, num_train: int, num_test: int) -> None:
+def _synthesize(data: Path, seed: int, num_train: int, num_test: int) -> PipelineData:
     from llava_smoe.data import ShapesWorldConfig, generate_shapes_world
 
     # Captions name the objects in random order: each "in the <cell>" is then a lookup of the named
@@ -67,25 +110,73 @@ def _synthesize(data: Path, seed: int, num_train: int, num_test: int) -> None:
     made = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
     if made == json.loads(json.dumps(asdict(config))):  # the same generator settings: same bytes
         print(f"==> data: reusing {data}")
-        return
-    print(f"==> data: generating the shapes world into {data}")
-    generate_shapes_world(config, data)
+    else:
+        print(f"==> data: generating the shapes world into {data}")
+        generate_shapes_world(config, data)
+    return PipelineData(train=data / "instruct_train.json", test=data / "instruct_test.json", images=data / "images",
+                        val=data / "instruct_val.json", captions=data / "pretrain.json",
+                        tokenizer=data / "tokenizer", text=data / "text.txt")
 
 
-def _stage_overrides(stage: str, out: Path, data: Path, router: str, seed: int, progress: bool) -> list[str]:
-    d, o = str(data), str(out)
+def _prepare(data: PipelineData, out: Path) -> PipelineData:
+    """Write what your own data lacks into OUT/data: the captions and the LM's text."""
+    from llava_smoe.data.records import load_records
+
+    for name, path in (("--train", data.train), ("--test", data.test), ("--val", data.val),
+                       ("--captions", data.captions)):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{name} {path} does not exist")
+    if not data.images.is_dir():
+        raise FileNotFoundError(f"--image-folder {data.images} is not a folder")
+    if data.image_size % data.patch_size:
+        from llava_smoe.config import ConfigError
+
+        raise ConfigError(f"{data.image_size} must be a multiple of the tower's {data.patch_size} px patches",
+                          ("--image-size",))
+    prepared = out / "data"
+    prepared.mkdir(parents=True, exist_ok=True)
+    records = [r for r in load_records(str(data.train)) if isinstance(r, dict)]
+    if data.captions is None:
+        by_image: dict[str, list[str]] = defaultdict(list)
+        for r in records:
+            turns = r.get("conversations") or []
+            if r.get("image"):
+                by_image[r["image"]] += [f"{q['value'].replace('<image>', '').strip()} {a['value'].strip()}"
+                                         for q, a in zip(turns[::2], turns[1::2])]
+        if not by_image:
+            raise FileNotFoundError(f"--train {data.train} has no record with an image to make captions from")
+        captions = [{"id": f"caption-{i:06d}", "image": image, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": ". ".join(qa)}]}
+            for i, (image, qa) in enumerate(sorted(by_image.items()))]
+        data.captions = prepared / "captions.json"
+        data.captions.write_text(json.dumps(captions, indent=1))
+    if data.text is None:
+        lines = []
+        for r in [*records, *load_records(str(data.captions))]:
+            turns = r.get("conversations") or []
+            lines += [f"{q['value'].replace('<image>', '').strip()} {a['value'].strip()}"
+                      for q, a in zip(turns[::2], turns[1::2])]
+        data.text = prepared / "text.txt"
+        data.text.write_text("\n".join(lines) + "\n")
+    return data
+
+
+def _stage_overrides(stage: str, out: Path, data: PipelineData, router: str, seed: int, progress: bool) -> list[str]:
+    o = str(out)
+    tokenizer = str(data.tokenizer or out / "lm" / "final")
     common = [f"train.output_dir={o}/{stage}", f"train.seed={seed}", f"train.progress_bar={progress}"]
-    if stage == "vision":
-        return common + [f"clip.data={d}/pretrain.json", f"clip.image_folder={d}/images", f"clip.tokenizer={d}/tokenizer"]
     if stage == "lm":
-        return common + [f"lm.data=[{d}/text.txt]", f"lm.tokenizer={d}/tokenizer",
-                         f"lm.cache_dir={o}/cache"]
-    paths = [f"vlm.image_folder={d}/images"]
+        return common + [f"lm.data=[{data.text}]", f"lm.tokenizer={data.tokenizer or 'null'}", f"lm.cache_dir={o}/cache"]
+    if stage == "vision":
+        return common + [f"clip.data={data.captions}", f"clip.image_folder={data.images}", f"clip.tokenizer={tokenizer}",
+                         f"clip.model.vision_config.image_size={data.image_size}",
+                         f"clip.model.vision_config.patch_size={data.patch_size}"]
+    paths = [f"vlm.image_folder={data.images}"]
     if stage == "pretrain":
-        return common + paths + [f"vlm.data={d}/pretrain.json", f"vlm.tokenizer={d}/tokenizer",
+        return common + paths + [f"vlm.data={data.captions}", f"vlm.tokenizer={tokenizer}",
                                  f"vlm.model.vision.name_or_path={o}/vision/final",
                                  f"vlm.model.language_model.name_or_path={o}/lm/final"]
-    tuning = [f"vlm.data=[{d}/instruct_train.json,{d}/pretrain.json]", f"vlm.eval_data={d}/instruct_val.json"]
+    tuning = [f"vlm.data=[{data.train},{data.captions}]", f"vlm.eval_data={data.val or 'null'}"]
     if stage == "transition":  # Mixture of Tokens -> token-choice routing, briefly re-tuned
         return common + paths + tuning + [f"vlm.init_from={o}/finetune_moe/final", "vlm.moe=null",
                                           "vlm.mot_to_token_choice=smoe", f"train.max_steps={TRANSITION_STEPS}"]
@@ -94,7 +185,7 @@ def _stage_overrides(stage: str, out: Path, data: Path, router: str, seed: int, 
 
 def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int = 0, progress: bool = True,
                    num_train: int = NUM_TRAIN_IMAGES, num_test: int = NUM_TEST_IMAGES,
-                   overrides: list[str] | tuple[str, ...] = ()) -> dict:
+                   overrides: list[str] | tuple[str, ...] = (), own_data: PipelineData | None = None) -> dict:
     from llava_smoe.training import load_recipe
     from llava_smoe.training.trainer import train
 
@@ -103,14 +194,14 @@ def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int 
         if not (recipes / f"{stage}.yaml").is_file():
             raise FileNotFoundError(f"{recipes / f'{stage}.yaml'} not found: run from the repository root "
                                     "or pass --recipes")
-    _synthesize(data, seed, num_train, num_test)
+    pipeline = _prepare(own_data, out) if own_data is not None else _synthesize(data, seed, num_train, num_test)
     seconds = {"data": round(time.perf_counter() - start, 1)}
     stages = STAGES + (("transition",) if router == "mot" else ())
     for stage in stages:
         t0 = time.perf_counter()
         recipe = recipes / f"{'finetune_moe' if stage == 'transition' else stage}.yaml"
         print(f"==> stage {stage}: {recipe}")
-        run_config = load_recipe(recipe, _stage_overrides(stage, out, data, router, seed, progress) + list(overrides))
+        run_config = load_recipe(recipe, _stage_overrides(stage, out, pipeline, router, seed, progress) + list(overrides))
         result = train(run_config)
         if result.status != "completed":
             raise RuntimeError(f"stage {stage} did not complete: {result.message}")
@@ -118,24 +209,23 @@ def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int 
 
     t0 = time.perf_counter()
     checkpoint = out / stages[-1] / "final"
-    summary = evaluate(checkpoint, data)
+    summary = evaluate(checkpoint, pipeline.test, pipeline.images)
     seconds["eval"] = round(time.perf_counter() - t0, 1)
     summary.update(router=router, seconds=round(time.perf_counter() - start, 1), stage_seconds=seconds,
-                   checkpoint=str(checkpoint), seed=seed)
+                   checkpoint=str(checkpoint), seed=seed, test=str(pipeline.test))
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def evaluate(checkpoint: Path, data: Path) -> dict:
-    """Exact-match accuracy on the held-out test split, with the image and blind."""
+def evaluate(checkpoint: Path, test: Path, images: Path) -> dict:
+    """Exact-match accuracy on the held-out test questions, with the image and blind."""
     from llava_smoe.evaluation import evaluate_exact_match
     from llava_smoe.pretrained import load_pretrained
 
     model, processor = load_pretrained(checkpoint)
-    records = json.loads((data / "instruct_test.json").read_text())
-    images = str(data / "images")
-    seen = evaluate_exact_match(model, processor, records, images, blind=False)
-    blind = evaluate_exact_match(model, processor, records, images, blind=True)
+    records = json.loads(test.read_text())
+    seen = evaluate_exact_match(model, processor, records, str(images), blind=False)
+    blind = evaluate_exact_match(model, processor, records, str(images), blind=True)
     return {
         "accuracy": seen.accuracy,
         "blind_accuracy": blind.accuracy,
@@ -154,7 +244,9 @@ def print_summary(summary: dict) -> None:
     print()
     for qtype, acc in sorted(summary["accuracy_by_type"].items()):
         print(f"  {qtype:<20} {acc:.3f}  (blind {summary['blind_accuracy_by_type'].get(qtype, float('nan')):.3f})")
+    print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items())
+          + f"; {summary['seconds']:.0f} in all")
     ckpt = summary["checkpoint"]
     print(f"\ncheckpoint: {ckpt}")
-    print(f"chat with it:   llava-smoe chat {ckpt} --image playground/data/shapes/images/test/<file>.png")
+    print(f"chat with it:   llava-smoe chat {ckpt} --image <an image of the test set>")
     print(f"web demo:       llava-smoe web {ckpt}")

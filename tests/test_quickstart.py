@@ -42,3 +42,44 @@ def test_quickstart_chains_every_tiny_stage(tmp_path):
     run_quickstart(tmp_path / "out2", tmp_path / "data", RECIPES, router="smoe", progress=False,
                    num_train=48, num_test=100, overrides=["train.max_steps=1", "train.micro_batch_size=8"])
     assert (tmp_path / "data" / "manifest.json").stat().st_mtime_ns == made
+
+
+@pytest.mark.slow
+def test_quickstart_runs_every_stage_on_your_own_data(tmp_path):
+    """A LLaVA dataset without captions or tokenizer: the LM stage trains a BPE on its text that
+    every later stage uses, and each image's questions stand in for its caption."""
+    from llava_smoe.data.worlds import WorldConfig, generate_world
+    from llava_smoe.quickstart import PipelineData
+
+    torch.set_num_threads(1)
+    data = tmp_path / "mine"
+    generate_world(WorldConfig(world="single", seed=0, num_train=48, num_val=8, num_test=24), data)
+    own = PipelineData(train=data / "instruct_train.json", test=data / "instruct_test.json", images=data / "images",
+                       val=data / "instruct_val.json", image_size=64)
+    out = tmp_path / "out"
+    summary = run_quickstart(out, tmp_path / "unused", RECIPES, router="smoe", progress=False, own_data=own,
+                             overrides=["train.max_steps=2", "train.micro_batch_size=8"])
+    assert not (tmp_path / "unused").exists()  # no shapes world was generated
+    captions = {c["image"]: c["conversations"][1]["value"] for c in json.loads((out / "data" / "captions.json").read_text())}
+    first = json.loads((data / "instruct_train.json").read_text())[0]
+    question, answer = first["conversations"][0]["value"].removeprefix("<image>\n"), first["conversations"][1]["value"]
+    assert len(captions) == 48 and captions[first["image"]] == f"{question} {answer}"
+    assert (out / "lm" / "final" / "tokenizer.json").is_file()
+    final = out / "finetune_moe" / "final"
+    trained, used = (json.loads((f / "tokenizer.json").read_text())["model"] for f in (out / "lm" / "final", final))
+    assert trained["vocab"] == used["vocab"] and trained["merges"] == used["merges"]  # the LM stage's BPE
+    vision = json.loads((final / "config.json").read_text())["vision_config"]["hf_config"]
+    assert vision["image_size"] == 64 and vision["patch_size"] == 16
+    assert set(summary["accuracy_by_type"]) <= {"color", "shape", "yes_color", "yes_shape"}
+    assert summary["num_questions"] == 24 and summary["test"] == str(data / "instruct_test.json")
+
+
+def test_own_data_errors_are_one_line(tmp_path, capsys):
+    from llava_smoe.cli import main
+
+    assert main(["quickstart", "--train", str(tmp_path / "t.json"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "error: your own data needs --train, --test and --image-folder together"
+    (tmp_path / "images").mkdir()
+    assert main(["quickstart", "--train", str(tmp_path / "t.json"), "--test", str(tmp_path / "t.json"),
+                 "--image-folder", str(tmp_path / "images"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --train {tmp_path / 't.json'} does not exist"

@@ -62,7 +62,8 @@ def _run(config: StepBenchConfig, overrides: list[str], out: Path, profile: Path
     if profile is None:
         trainer.fit()
     else:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.fit()

@@ -54,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.data_command == "synth":
-        from llava_smoe.data.synth import HARD_WORLD, ShapesWorldConfig, generate_shapes_world
+        from llava_smoe.data.synth import (
+            HARD_WORLD,
+            ShapesWorldConfig,
+            generate_shapes_world,
+        )
 
         world = dict(HARD_WORLD) if args.hard else {}
         for key in ("image_size", "max_shapes"):
