@@ -100,3 +100,24 @@ def test_bench_data_cli_compares_cached_with_uncached(tmp_path, capsys):
     assert set(rows) == {"uncached", "cached"} and rows["uncached"]["ratio_to_baseline"] == pytest.approx(1.0)
     assert all(r["ms_per_batch"] > 0 and r["epochs"] == 2 for r in rows.values())
     assert "| cached |" in capsys.readouterr().out
+
+
+def test_bench_baseline_trains_the_cnn_anchor_and_scores_every_type(tmp_path, capsys):
+    from llava_smoe.cli import main
+    from llava_smoe.data.worlds import WorldConfig, generate_world
+
+    generate_world(WorldConfig(world="single", seed=0, num_train=300, num_val=40, num_test=80), tmp_path)
+    out = tmp_path / "baseline.json"
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"accuracy": 0.5, "blind_accuracy": 0.4, "accuracy_by_type": {"color": 0.5},
+                                   "blind_accuracy_by_type": {"color": 0.1}}))
+    assert main(["bench", "baseline", "--train", str(tmp_path / "instruct_train.json"), "--test",
+                 str(tmp_path / "instruct_test.json"), "--val", str(tmp_path / "instruct_val.json"), "--image-folder",
+                 str(tmp_path / "images"), "--summary", str(summary), "--out", str(out), "--threads", "1"]) == 0
+    (result,) = json.loads(out.read_text())
+    assert result["num_questions"] == 80 and 1 <= result["epochs"] <= 40
+    assert set(result["accuracy_by_type"]) == {"color", "shape", "yes_color", "yes_shape"}
+    assert 0.0 <= result["blind_accuracy"] <= 1.0 and result["summaries"][0]["accuracy"] == 0.5
+    # yes/no about a colour is learnable from 300 images: well above its blind 0.5 (the answer is the image's)
+    assert result["accuracy_by_type"]["yes_color"] > result["blind_accuracy_by_type"]["yes_color"]
+    assert "| color | " in capsys.readouterr().out

@@ -55,6 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     step.add_argument("--profile", metavar="FILE", help="torch.profiler table of the recipe's first run")
     step.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
+    base = sub.add_parser("baseline", help="a CNN + question-encoder classifier trained to convergence on a "
+                                           "LLaVA dataset: the non-LLM anchor, beside quickstart summaries")
+    base.add_argument("--train", required=True, help="LLaVA .json of training questions")
+    base.add_argument("--test", required=True, help="LLaVA .json of test questions")
+    base.add_argument("--image-folder", required=True)
+    base.add_argument("--val", help="validation questions for early stopping (default: the last 10%% of --train)")
+    base.add_argument("--image-size", type=int, default=64)
+    base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--summary", action="append", default=[], metavar="SUMMARY.json",
+                      help="quickstart summaries of the same data, shown beside the baseline (repeatable)")
+    base.add_argument("--out", required=True, help="JSON file for the result")
+    base.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+
     adamw = sub.add_parser("adamw", help="AdamW steps: torch's fused kernel vs the per-tensor loop")
     adamw.add_argument("--out", required=True, help="JSON file for the result rows")
     adamw.add_argument("--hidden", type=int, default=128, help="hidden size D (default: the quickstart's LM)")
@@ -75,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_moe(args)
     if args.bench_command == "step":
         return _run_step(args)
+    if args.bench_command == "baseline":
+        return _run_baseline(args)
     from llava_smoe.bench import training
 
     if args.bench_command == "data":
@@ -96,6 +111,31 @@ def _write(rows: list[dict], out: str) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _run_baseline(args: argparse.Namespace) -> int:
+    from llava_smoe.bench.baseline import BaselineConfig, run_baseline
+
+    result = run_baseline(BaselineConfig(train=args.train, test=args.test, image_folder=args.image_folder,
+                                         val=args.val, image_size=args.image_size, seed=args.seed))
+    summaries = [json.loads(Path(p).read_text()) for p in args.summary]
+    result["summaries"] = [{"path": p, **{k: s[k] for k in ("accuracy", "blind_accuracy", "accuracy_by_type",
+                                                            "blind_accuracy_by_type")}} for p, s in zip(args.summary, summaries)]
+    _write([result], args.out)
+    columns = ["CNN + GRU", *[f"pipeline {i}" for i in range(len(summaries))]]
+    print(f"CNN + GRU baseline: {result['parameters']:,} parameters, {result['epochs']} epochs, "
+          f"{result['seconds']:.0f} s; accuracy (blind)")
+    print("| question type | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for kind in [*result["accuracy_by_type"], "all"]:
+        cells = []
+        for r in [result, *summaries]:
+            acc = r["accuracy"] if kind == "all" else r["accuracy_by_type"].get(kind)
+            blind = r["blind_accuracy"] if kind == "all" else r["blind_accuracy_by_type"].get(kind)
+            cells.append("-" if acc is None else f"{acc:.3f} ({blind:.3f})")
+        print(f"| {kind} | " + " | ".join(cells) + " |")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _run_step(args: argparse.Namespace) -> int:
