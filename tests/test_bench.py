@@ -100,3 +100,31 @@ def test_bench_data_cli_compares_cached_with_uncached(tmp_path, capsys):
     assert set(rows) == {"uncached", "cached"} and rows["uncached"]["ratio_to_baseline"] == pytest.approx(1.0)
     assert all(r["ms_per_batch"] > 0 and r["epochs"] == 2 for r in rows.values())
     assert "| cached |" in capsys.readouterr().out
+
+
+def test_serve_workload_is_fixed_by_its_seed():
+    from llava_smoe.bench.serve import ServeBenchConfig, build_workload
+
+    cfg = ServeBenchConfig(streams=40, seed=3)
+    a, b = build_workload(cfg), build_workload(cfg)
+    assert [(r.arrival_s, r.text, r.image_png, r.max_tokens) for r in a] == \
+           [(r.arrival_s, r.text, r.image_png, r.max_tokens) for r in b]
+    assert a[0].arrival_s == 0 and all(x.arrival_s < y.arrival_s for x, y in zip(a, a[1:]))  # staggered
+    assert all(cfg.output_tokens_min <= r.max_tokens <= cfg.output_tokens_max for r in a)
+    assert len({r.max_tokens for r in a}) > 10 and 0 < sum(r.image_png is not None for r in a) < len(a)
+    assert [r.max_tokens for r in build_workload(ServeBenchConfig(streams=40, seed=4))] != [r.max_tokens for r in a]
+    with pytest.raises(ValueError, match="arrival_rate"):
+        ServeBenchConfig(arrival_rate=0)
+
+
+@pytest.mark.slow
+def test_bench_serve_cli_runs_both_modes_over_http(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--out", str(out), "--streams", "6", "--rounds", "1", "--rate", "50"]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["static", "continuous"]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["latency_p50_s"] <= r["latency_p95_s"] and r["ttft_p50_s"] > 0
+        assert r["completion_tokens"] == rows[0]["completion_tokens"]  # the same workload for both
+    assert rows[1]["tokens_per_s_ratio_to_static"] > 0
+    assert "| continuous |" in capsys.readouterr().out
