@@ -479,6 +479,6 @@ def _refuse_batch_mixing(model: Any) -> None:
         raise ValueError(
             f"MoE layers {mixing[:3]}{' ...' if len(mixing) > 3 else ''} use Mixture of Tokens (router 'mot'), which "
             "mixes the sequences of a batch, so requests served together would change each other's replies. "
-            "Convert the model to token-choice routing first: llava_smoe.moe.convert_mot_to_token_choice(model), "
-            "fine-tune briefly, and save it"
+            "Convert it to token-choice routing first: a vlm training stage with `mot_to_token_choice` converts "
+            "and fine-tunes it; in code, llava_smoe.moe.convert_mot_to_token_choice(model)"
         )
