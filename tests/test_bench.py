@@ -125,6 +125,7 @@ def test_bench_serve_cli_runs_both_modes_over_http(tmp_path, capsys):
     assert [r["mode"] for r in rows] == ["static", "continuous"]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["latency_p50_s"] <= r["latency_p95_s"] and r["ttft_p50_s"] > 0
+        assert 1 <= r["tokens_per_step"] <= 8  # at most max_batch_size rows per step (prefills add a little)
         assert r["completion_tokens"] == rows[0]["completion_tokens"]  # the same workload for both
     assert rows[1]["tokens_per_s_ratio_to_static"] > 0
     assert "| continuous |" in capsys.readouterr().out

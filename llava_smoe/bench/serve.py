@@ -7,10 +7,12 @@ same checkpoint, threads and maximum batch size. One seeded workload is built on
 times (a Poisson process), prompts (lengths from a log-normal; a share of them with an image of
 random size and colour) and reply lengths (a log-normal, clipped; `ignore_eos` makes every reply
 exactly that long). Each round replays the whole workload against each server in turn, the
-first server rotating, with one streaming HTTP client thread per request that waits for its
-arrival time. Reported per mode: completion tokens per second (from the first arrival to the
-last reply), latency and time to first token (from each request's arrival), medians over the
-rounds; continuous rows also carry the median of the per-round ratios to static.
+first server rotating, with one streaming HTTP client per request (asyncio, one thread) that
+waits for its arrival time. Reported per mode: completion tokens per second (from the first
+arrival to the last reply), completion tokens per decoding step (the server's step count from
+/health: how full the batches were, whatever else the machine was doing), latency and time to
+first token (from each request's arrival), medians over the rounds; continuous rows also carry
+the medians of the per-round ratios to static.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 
@@ -113,41 +114,42 @@ def _body(r: BenchRequest, model: str) -> dict:
 
 
 def replay(url: str, model: str, workload: list[BenchRequest]) -> dict:
-    """Send every request at its arrival time (one streaming client thread each); measure."""
+    """Send every request at its arrival time (one streaming client each, on one event loop, as
+    serving benchmarks do: client threads would compete with the server for the CPU); measure."""
+    import asyncio
+
     import httpx
 
-    results: list[tuple[float, float, int, float] | Exception] = [ValueError("not run")] * len(workload)
-
-    def one(i: int, r: BenchRequest, t0: float) -> None:
-        time.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
+    async def one(client, r: BenchRequest, t0: float) -> tuple[float, float, int, float]:
+        await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
         arrival = t0 + r.arrival_s
         first, tokens = None, 0
-        try:
-            with httpx.stream("POST", url, json=_body(r, model), timeout=600) as response:
-                if response.status_code != 200:
-                    raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:300]!r}")
-                for line in response.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                        first = time.perf_counter()
-            done = time.perf_counter()
-            results[i] = (done - arrival, (first or done) - arrival, tokens, done)
-        except Exception as e:  # noqa: BLE001 - reported after the round
-            results[i] = e
+        async with client.stream("POST", url, json=_body(r, model)) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+            async for line in response.aiter_lines():
+                # Parsed only when needed: the client must not slow the server it measures.
+                if first is None and '"content": "' in line and '"content": ""' not in line:
+                    first = time.perf_counter()
+                elif line.startswith("data: {") and '"usage"' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        done = time.perf_counter()
+        return done - arrival, (first or done) - arrival, tokens, done
 
-    t0 = time.perf_counter() + 0.2  # every thread is waiting before the first arrival
-    threads = [threading.Thread(target=one, args=(i, r, t0)) for i, r in enumerate(workload)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    errors = [r for r in results if isinstance(r, Exception)]
+    async def run_all() -> tuple[list, float, int]:
+        limits = httpx.Limits(max_connections=len(workload) + 4, max_keepalive_connections=len(workload) + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            before = (await client.get(health)).json()["decode_steps"]
+            t0 = time.perf_counter() + 0.2
+            results = await asyncio.gather(*(one(client, r, t0) for r in workload), return_exceptions=True)
+            steps = (await client.get(health)).json()["decode_steps"] - before
+        return results, t0, steps
+
+    health = url.rsplit("/v1/", 1)[0] + "/health"
+    results, t0, steps = asyncio.run(run_all())
+    errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
-        raise RuntimeError(f"{len(errors)} of {len(workload)} requests failed, the first: {errors[0]}")
+        raise RuntimeError(f"{len(errors)} of {len(workload)} requests failed, the first: {errors[0]!r}")
     latency = sorted(r[0] for r in results)
     ttft = sorted(r[1] for r in results)
     tokens = sum(r[2] for r in results)
@@ -155,7 +157,8 @@ def replay(url: str, model: str, workload: list[BenchRequest]) -> dict:
     expected = sum(r.max_tokens for r in workload)
     if tokens != expected:
         raise RuntimeError(f"the replies hold {tokens} tokens, the workload asked for {expected}")
-    return {"tokens_per_s": tokens / wall, "wall_s": wall, "completion_tokens": tokens,
+    return {"tokens_per_s": tokens / wall, "wall_s": wall, "completion_tokens": tokens, "decode_steps": steps,
+            "tokens_per_step": tokens / steps,
             "latency_p50_s": _percentile(latency, 50), "latency_p95_s": _percentile(latency, 95),
             "ttft_p50_s": _percentile(ttft, 50), "ttft_p95_s": _percentile(ttft, 95)}
 
@@ -236,6 +239,8 @@ def run_serve_bench(cfg: ServeBenchConfig) -> list[dict]:
         if mode != "static":
             row["tokens_per_s_ratio_to_static"] = statistics.median(
                 a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs, measured["static"]))
+            row["tokens_per_step_ratio_to_static"] = statistics.median(
+                a["tokens_per_step"] / b["tokens_per_step"] for a, b in zip(runs, measured["static"]))
             row["ttft_p50_ratio_to_static"] = statistics.median(
                 a["ttft_p50_s"] / b["ttft_p50_s"] for a, b in zip(runs, measured["static"]))
         rows.append(row)
@@ -243,12 +248,14 @@ def run_serve_bench(cfg: ServeBenchConfig) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| mode | tokens/s | x static | latency p50 (s) | latency p95 (s) | TTFT p50 (s) | TTFT p95 (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | tokens/s | x static | tokens per step | x static | latency p50 (s) | latency p95 (s) "
+             "| TTFT p50 (s) | TTFT p95 (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = r.get("tokens_per_s_ratio_to_static", 1.0)
-        lines.append(f"| {r['mode']} | {r['tokens_per_s']:.0f} | {ratio:.2f} | {r['latency_p50_s']:.2f} | "
-                     f"{r['latency_p95_s']:.2f} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} |")
+        step_ratio = r.get("tokens_per_step_ratio_to_static", 1.0)
+        lines.append(f"| {r['mode']} | {r['tokens_per_s']:.0f} | {ratio:.2f} | {r['tokens_per_step']:.2f} | "
+                     f"{step_ratio:.2f} | {r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | "
+                     f"{r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} |")
     return "\n".join(lines)
 
 

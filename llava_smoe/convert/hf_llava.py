@@ -378,10 +378,9 @@ def import_hf_llava(src: str | Path, *, template: str | None = None, system_prom
     from llava_smoe.model.configuration import LlavaSmoeConfig
     from llava_smoe.model.language_model import build_language_model
     from llava_smoe.model.modeling import LlavaSmoeForConditionalGeneration  # before transformers' names
-    from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
-    from llava_smoe.model.projector import ProjectorConfig
     from llava_smoe.model.vision import VisionTowerConfig
     from llava_smoe.processing import LlavaSmoeProcessor, ProcessorConfig
+    from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
 
     src = Path(src)
     if not (src / "config.json").is_file():

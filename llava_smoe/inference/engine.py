@@ -152,8 +152,14 @@ class RequestHandle:
             raise TypeError("this request was submitted without an event loop: iterate it with `for`")
         while self._completion is None:
             kind, value = await self._channel.queue.get()
-            if not self._handle(kind, value):
-                yield value
+            if self._handle(kind, value):
+                break
+            # Deltas that arrived meanwhile go out together: a busy event loop sends fewer, larger chunks.
+            while not self._channel.queue.empty() and self._completion is None:
+                kind, more = self._channel.queue.get_nowait()
+                if not self._handle(kind, more):
+                    value += more
+            yield value
 
     def result(self) -> Completion:
         for _ in self:

@@ -86,7 +86,8 @@ def create_app(engine: "Engine", limits: ServerLimits, model_name: str, api_key:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "active_requests": active["requests"]}
+        return {"status": "ok", "model": model_name, "active_requests": active["requests"],
+                "decode_steps": engine.decode_steps}
 
     @app.get("/v1/models")
     async def models():
