@@ -287,3 +287,17 @@ def test_import_refuses_what_it_cannot_map(tmp_path):
         import_hf_llava(folder)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         import_hf_llava(tmp_path)
+
+
+def test_cli_export_and_its_one_line_refusal(tmp_path, chatml, capsys):
+    from llava_smoe import save_pretrained
+    from llava_smoe.cli import main
+
+    save_pretrained(tiny(chatml), chatml, tmp_path / "ok")
+    assert main(["export", str(tmp_path / "ok"), "--format", "hf-llava", "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file() and "wrote" in capsys.readouterr().out
+    save_pretrained(tiny(chatml, projector={"type": "mlp2x_gelu", "position_embedding": True}), chatml,
+                    tmp_path / "positioned")
+    assert main(["export", str(tmp_path / "positioned"), "--format", "hf-llava", "--out", str(tmp_path / "x")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
+    assert last.startswith("error: ") and "position_embedding" in last and "Traceback" not in last

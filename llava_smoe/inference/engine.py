@@ -214,7 +214,7 @@ class Engine:
                                                attn_implementation=config.attn_implementation)
         elif processor is None:
             raise ValueError("a model given to the engine needs its processor")
-        self.model, self.processor = model.eval(), processor
+        self.model, self.processor = model, processor  # a model handed in keeps its mode (evaluation mid-training)
         _refuse_batch_mixing(model)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
