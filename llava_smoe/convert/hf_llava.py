@@ -40,8 +40,10 @@ SIDECAR = "llava_smoe.json"
 SIDECAR_VERSION = 1
 SOFTMAX_TOPK_ROUTERS = ("smoe", "competesmoe")
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
-_CONFIG_NOISE = ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype", "model_type",
-                 "layer_types", "output_attentions")
+# Keys of a saved config that describe the file, not the architecture.
+_FILE_KEYS = ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype")
+# ... and those a config of another family must not inherit (its own type, its per-layer list).
+_FAMILY_KEYS = (*_FILE_KEYS, "model_type", "layer_types", "output_attentions")
 
 
 class ConversionError(ValueError):
@@ -189,7 +191,7 @@ def _dense_fields(config: Any, target_class: type) -> dict[str, Any]:
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(target_class)}
-    return {k: v for k, v in config.to_dict().items() if k in names and k not in _CONFIG_NOISE}
+    return {k: v for k, v in config.to_dict().items() if k in names and k not in _FAMILY_KEYS}
 
 
 def _moe_family(config: Any, moe: Any, num_layers: int) -> tuple[str, dict[str, Any]]:
@@ -320,12 +322,8 @@ def _export_processor(processor: Any, config: Any, out: Path) -> None:
                         chat_template=jinja_chat_template(processor), patch_size=config.vision_config.patch_size,
                         vision_feature_select_strategy=config.vision_feature_select_strategy,
                         image_token=processor.image_token,
-                        num_additional_image_tokens=1 if _has_cls(config.vision_config) else 0)
+                        num_additional_image_tokens=1 if config.vision_config.model_type.startswith("clip") else 0)
     hf.save_pretrained(out)
-
-
-def _has_cls(vision_config: Any) -> bool:
-    return vision_config.model_type.startswith("clip")
 
 
 # Conversations the exported processor must tokenise as ours does (with images of three shapes).
@@ -398,7 +396,7 @@ def import_hf_llava(src: str | Path, *, template: str | None = None, system_prom
     hf = LlavaForConditionalGeneration.from_pretrained(src, dtype="auto", use_safetensors=True)
     state = hf.state_dict()
 
-    vision_dict = {k: v for k, v in config.vision_config.to_dict().items() if k not in _CONFIG_NOISE[:5]}
+    vision_dict = {k: v for k, v in config.vision_config.to_dict().items() if k not in _FILE_KEYS}
     strategy = config.vision_feature_select_strategy
     tower = VisionTowerConfig(
         backend="hf", hf_config={**vision_dict, "model_type": vision_type}, feature_layer=config.vision_feature_layer,
