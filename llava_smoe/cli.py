@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("llava_smoe.serve.chat", "chat with a checkpoint in the terminal (streaming; /image, /reset, /quit)"),
     "web": ("llava_smoe.serve.web", "serve a checkpoint as a Gradio chat page with image upload and expert routing"),
     "serve": ("llava_smoe.serve.api", "serve a checkpoint over an OpenAI-compatible HTTP API (chat completions)"),
+    "export": ("llava_smoe.convert.export_cli", "write a checkpoint in the transformers LLaVA format (transformers, vLLM, SGLang)"),
+    "import": ("llava_smoe.convert.import_cli", "turn a transformers LLaVA checkpoint (e.g. llava-1.5-7b-hf) into a llava-smoe one"),
 }
 
 

@@ -15,12 +15,12 @@ from PIL import Image
 
 from llava_smoe.evaluation import evaluate_exact_match
 from llava_smoe.evaluation.generation import (
-    GenerationOptions,
     InferenceRunner,
     Prompt,
+    sampling_from_gen_kwargs,
     sorted_batches,
-    truncate_at_stop,
 )
+from llava_smoe.inference import SamplingParams
 from llava_smoe.evaluation.questions import (
     QAItem,
     export_parquet,
@@ -152,16 +152,19 @@ def test_document_functions():
 
 
 # -- generation ------------------------------------------------------------------------------------
-def test_generation_options_validation_and_gen_kwargs():
+def test_gen_kwargs_become_sampling_params():
     with pytest.raises(ValueError, match="max_new_tokens"):
-        GenerationOptions(max_new_tokens=0)
+        sampling_from_gen_kwargs({"max_new_tokens": -1})
     with pytest.raises(ValueError, match="top_p"):
-        GenerationOptions(top_p=1.5)
-    o = GenerationOptions.from_gen_kwargs({"until": "\n", "temperature": 0, "top_p": 0.9, "num_beams": 2,
-                                           "image_aspect_ratio": "pad"}, default_max_new_tokens=7)
-    assert (o.stop, o.temperature, o.top_p, o.num_beams, o.max_new_tokens) == (("\n",), 0.0, None, 2, 7)
-    assert GenerationOptions.from_gen_kwargs({"temperature": 0.7, "top_p": 0.9}).top_p == 0.9
-    assert truncate_at_stop("yes\nno</s>", ["</s>", "\n"]) == "yes"
+        sampling_from_gen_kwargs({"temperature": 0.5, "top_p": 1.5})
+    o = sampling_from_gen_kwargs({"until": "\n", "temperature": 0, "top_p": 0.9, "num_beams": 1,
+                                  "image_aspect_ratio": "pad"}, default_max_new_tokens=7)
+    assert (o.stop, o.temperature, o.top_p, o.max_new_tokens) == (("\n",), 0.0, 1.0, 7)
+    assert sampling_from_gen_kwargs({"temperature": 0.7, "top_p": 0.9}).top_p == 0.9
+    assert sampling_from_gen_kwargs({"until": ["</s>", ""], "do_sample": False, "temperature": 0.7}).stop == ("</s>",)
+    assert sampling_from_gen_kwargs({"do_sample": False, "temperature": 0.7}).temperature == 0.0
+    with pytest.raises(ValueError, match="beam search is not supported"):
+        sampling_from_gen_kwargs({"num_beams": 2})
     assert list(sorted_batches([1, 5, 3, 5], 2)) == [[1, 3], [2, 0]]
 
 
@@ -175,7 +178,7 @@ def _prompts(setup, n=3):
 def test_batched_and_unbatched_greedy_answers_are_identical(tiny_setup, tiny_loaded):
     runner = InferenceRunner(*tiny_loaded)
     prompts = _prompts(tiny_setup)
-    options = GenerationOptions(max_new_tokens=3)
+    options = SamplingParams(max_new_tokens=3, temperature=0.0)
     batched = runner.generate(prompts, options, batch_size=3)
     single = runner.generate(prompts, options, batch_size=1)
     assert batched == single
@@ -185,10 +188,10 @@ def test_batched_and_unbatched_greedy_answers_are_identical(tiny_setup, tiny_loa
 def test_stop_strings_cut_the_answer(tiny_loaded, tiny_setup):
     runner = InferenceRunner(*tiny_loaded)
     prompt = _prompts(tiny_setup, 1)[:1]
-    full = runner.generate(prompt, GenerationOptions(max_new_tokens=6))[0]
+    full = runner.generate(prompt, SamplingParams(max_new_tokens=6, temperature=0.0))[0]
     assert len(full) > 2
     stop = full[1:3]
-    cut = runner.generate(prompt, GenerationOptions(max_new_tokens=6, stop=(stop,)))[0]
+    cut = runner.generate(prompt, SamplingParams(max_new_tokens=6, temperature=0.0, stop=(stop,)))[0]
     assert cut == full[: full.find(stop)].strip()
 
 

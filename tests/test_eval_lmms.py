@@ -45,7 +45,8 @@ def _visual(doc):
 
 
 def test_generate_until_batches_and_honours_until(lmms_with_docs):
-    from llava_smoe.evaluation.generation import GenerationOptions, Prompt
+    from llava_smoe.evaluation.generation import Prompt
+    from llava_smoe.inference import SamplingParams
 
     lm, docs = lmms_with_docs
     greedy = {"max_new_tokens": 5, "temperature": 0, "do_sample": False}
@@ -59,7 +60,7 @@ def test_generate_until_batches_and_honours_until(lmms_with_docs):
         lm.batch_size_per_device = 3
     assert batched == single and len(batched) == len(docs)
     prompts = [Prompt(d["question"], _visual(d)) for d in docs]
-    expected = lm.runner.generate(prompts, GenerationOptions(max_new_tokens=5))
+    expected = lm.runner.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0.0))
     assert batched == expected
     # `until` ends the answer before the stop string
     long_answer = next(a for a in batched if len(a) >= 3)

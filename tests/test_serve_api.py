@@ -1,6 +1,7 @@
 """`llava-smoe serve` as a real process on loopback: the openai client, raw HTTP bad input, load."""
 
 import base64
+import http.server
 import io
 import json
 import os
@@ -34,9 +35,11 @@ def cli() -> list[str]:
     return [script] if os.path.exists(script) else [sys.executable, "-m", "llava_smoe.cli"]
 
 
-def start_process(args: list[str], port: int, log_path, ready_path: str = "/health", timeout: float = 180.0):
+def start_process(args: list[str], port: int, log_path, ready_path: str = "/health", timeout: float = 180.0,
+                  env: dict[str, str] | None = None):
     """Start `llava-smoe ARGS` and wait until GET ready_path answers 200; kill it on failure."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               **(env or {}))
     log = open(log_path, "w")
     proc = subprocess.Popen([*cli(), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
@@ -273,6 +276,130 @@ def test_image_url_rules_without_a_server(tmp_path):
     assert decode_image(raw, opened, "p").size == (8, 8)
     with pytest.raises(APIError, match="does not name an existing file"):
         image_bytes_from_url(f"file://{tmp_path / 'missing.png'}", opened, "p")
+
+
+# -- who may use the server ----------------------------------------------------------------------------
+KEY = "test-key-0123"
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    """/red.png, /big.png (over the byte limit), /redirect (to /red.png)."""
+
+    def do_GET(self):  # noqa: N802 - the http.server name
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/red.png")
+            self.end_headers()
+            return
+        body = png_bytes(Image.new("RGB", (40, 30), (220, 20, 20))) if self.path == "/red.png" else b"\0" * 80_000
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    """An image server on 127.0.0.1 (a private address as far as the API is concerned)."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    port = free_port()
+    proc = start_process(["serve", tiny_checkpoint(tmp_path_factory), "--port", str(port), "--device", "cpu",
+                          "--threads", "1", "--allow-remote-images", "--log-level", "warning"],
+                         port, tmp_path_factory.mktemp("logs") / "keyed.log", env={"LLAVA_SMOE_API_KEY": KEY})
+    yield f"http://127.0.0.1:{port}"
+    stop_process(proc)
+
+
+def test_api_key_is_required_except_for_health(keyed_server):
+    body = _msg("hi")
+    assert httpx.get(keyed_server + "/health").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Basic " + KEY}):
+        r = httpx.post(keyed_server + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 401, headers
+        assert r.json()["error"]["code"] == "invalid_api_key" and KEY not in r.text
+    assert httpx.get(keyed_server + "/v1/models").status_code == 401
+    client = openai.OpenAI(base_url=keyed_server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed_server + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_remote_image_on_a_private_address_is_refused(keyed_server, image_host):
+    r = httpx.post(keyed_server + "/v1/chat/completions", json=_msg(f"http://{image_host}/red.png", "hi"),
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "image_host_not_allowed" and "127.0.0.1" in r.json()["error"]["message"]
+
+
+def test_remote_image_rules_without_a_server(image_host, monkeypatch):
+    from llava_smoe.serve.config import ServerLimits
+    from llava_smoe.serve.schema import APIError, decode_image, image_bytes_from_url
+
+    def refused(url, limits, code="image_host_not_allowed"):
+        with pytest.raises(APIError) as err:
+            image_bytes_from_url(url, limits, "p")
+        assert err.value.code == code, err.value.message
+        return err.value
+
+    public_only = ServerLimits(allow_remote_images=True, remote_image_timeout_s=5)
+    for url in (f"http://{image_host}/red.png", "http://localhost:9/x.png", "http://169.254.169.254/latest/meta-data",
+                "http://[::1]:9/x.png", "http://[::ffff:127.0.0.1]:9/x.png", "http://10.1.2.3/x.png",
+                "http://224.0.0.1/x.png", "http://0.0.0.0:9/x.png"):
+        assert refused(url, public_only).status == 403
+    assert "link-local" in refused("http://169.254.169.254/", public_only).message
+    refused("http://user:pw@example.com/x.png", public_only, "invalid_image_url")
+
+    allowed = ServerLimits(allow_remote_images=True, remote_image_timeout_s=5, allowed_image_hosts=["127.0.0.1"])
+    raw = image_bytes_from_url(f"http://{image_host}/red.png", allowed, "p")
+    assert decode_image(raw, allowed, "p").size == (40, 30)
+    assert "redirects are not followed" in refused(f"http://{image_host}/redirect", allowed, "image_fetch_failed").message
+    small = ServerLimits(allow_remote_images=True, allowed_image_hosts=["127.0.0.1"], max_image_bytes=50_000)
+    assert refused(f"http://{image_host}/big.png", small, "image_too_large").status == 413
+
+    # A name is resolved once and the connection goes to the address that was checked: a second
+    # lookup (which a rebinding DNS server would answer differently) never happens.
+    lookups = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def fake_getaddrinfo(host, *args, **kwargs):
+        if host == "images.example":
+            lookups.append(host)
+            return real_getaddrinfo("127.0.0.1", *args, **kwargs)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    port = image_host.split(":")[1]
+    refused(f"http://images.example:{port}/red.png", public_only)
+    named = ServerLimits(allow_remote_images=True, remote_image_timeout_s=5, allowed_image_hosts=["Images.Example."])
+    lookups.clear()
+    assert image_bytes_from_url(f"http://images.example:{port}/red.png", named, "p") == raw
+    assert lookups == ["images.example"]
+
+
+def test_bind_warnings():
+    from llava_smoe.serve.config import bind_warning
+    from llava_smoe.serve.web import parse_auth
+
+    assert bind_warning("127.0.0.1", False, "the API", "fix") is None
+    assert bind_warning("localhost", False, "the API", "fix") is None
+    assert bind_warning("0.0.0.0", True, "the API", "fix") is None
+    warning = bind_warning("0.0.0.0", False, "the API", "set --api-key")
+    assert warning.startswith("warning: binding 0.0.0.0 with no authentication") and "set --api-key" in warning
+    assert parse_auth("ann:s3:cret") == ("ann", "s3:cret") and parse_auth(None) is None
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        parse_auth("ann")
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from llava_smoe.serve.config import EngineConfig, ServerLimits
-from llava_smoe.serve.engine import (
+from llava_smoe.inference import (
     ContextLengthError,
     Engine,
     RequestError,
@@ -82,7 +82,7 @@ def test_concurrent_requests_are_batched_and_match_sequential(engine):
     for t in threads:
         t.join(timeout=120)
     assert [r.token_ids for r in results] == [s.token_ids for s in sequential]
-    assert max(r.routing_batch_size for r in results) > 1  # some requests really shared a batch
+    assert max(r.peak_batch_size for r in results) > 1  # some requests really shared a batch
 
 
 def test_stop_strings_end_the_reply_before_the_match(engine):

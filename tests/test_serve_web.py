@@ -58,3 +58,23 @@ def test_page_uploads_image_and_streams_reply(tmp_path_factory, tmp_path):
     assert len({n for n in lengths if n > 0}) >= 2, f"the reply did not stream: {lengths}"
     assert "language_model.model.layers.1.mlp" in routing_text and "image" in routing_text
     assert (tmp_path / "web.png").stat().st_size > 10_000
+
+
+def test_page_behind_a_login(tmp_path_factory, tmp_path):
+    """With --auth (here from the environment), the page's config and API need the login."""
+    import httpx
+
+    checkpoint = tiny_checkpoint(tmp_path_factory)
+    port = free_port()
+    proc = start_process(["web", checkpoint, "--port", str(port), "--device", "cpu", "--threads", "1"], port,
+                         tmp_path / "web.log", ready_path="/", env={"LLAVA_SMOE_WEB_AUTH": "ann:s3cret"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert httpx.get(url + "/config", timeout=30).status_code == 401
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.post("/login", data={"username": "ann", "password": "wrong"}).status_code >= 400
+            assert client.get("/config").status_code == 401
+            assert client.post("/login", data={"username": "ann", "password": "s3cret"}).status_code == 200
+            assert client.get("/config").status_code == 200
+    finally:
+        stop_process(proc)

@@ -1,6 +1,7 @@
-"""`llava-smoe bench moe|data|adamw|step`: time one MoE layer per router against dense and
-transformers baselines; batches with and without the sample cache; fused AdamW against the
-per-tensor loop; a stage's training step, broken down, for variants of its recipe."""
+"""`llava-smoe bench moe|data|adamw|step|baseline|serve`: time one MoE layer per router against
+dense and transformers baselines; batches with and without the sample cache; fused AdamW against
+the per-tensor loop; a stage's training step, broken down, for variants of its recipe; a CNN
+classifier as the anchor a tiny VLM should beat; serving with continuous against static batching."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--val", help="validation questions for early stopping (default: the last 10%% of --train)")
     base.add_argument("--image-size", type=int, default=64)
     base.add_argument("--seed", type=int, default=0)
+    base.add_argument("--max-epochs", type=int, default=40, help="upper bound; training stops earlier on a plateau")
     base.add_argument("--summary", action="append", default=[], metavar="SUMMARY.json",
                       help="quickstart summaries of the same data, shown beside the baseline (repeatable)")
     base.add_argument("--out", required=True, help="JSON file for the result")
@@ -78,8 +80,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adamw.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs both variants)")
     adamw.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
+    serve = sub.add_parser("serve", help="HTTP serving: continuous vs static batching on the same staggered streams")
+    serve.add_argument("--out", required=True, help="JSON file for the result rows")
+    serve.add_argument("--checkpoint", default=None, help="checkpoint folder (default: a tiny random-weight one)")
+    serve.add_argument("--streams", type=int, default=32, help="requests, one client stream each")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together (both modes)")
+    serve.add_argument("--rate", type=float, default=20.0, help="mean arrivals per second (Poisson)")
+    serve.add_argument("--rounds", type=int, default=3, help="replays of the workload per mode, interleaved")
+    serve.add_argument("--threads", type=int, default=1, help="torch threads of each server (default: 1)")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--seed", type=int, default=0, help="seed of the workload (arrivals, prompts, reply lengths)")
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench_command == "serve":
+        return _run_serve(args)
     import torch
 
     if args.threads:
@@ -117,7 +132,8 @@ def _run_baseline(args: argparse.Namespace) -> int:
     from llava_smoe.bench.baseline import BaselineConfig, run_baseline
 
     result = run_baseline(BaselineConfig(train=args.train, test=args.test, image_folder=args.image_folder,
-                                         val=args.val, image_size=args.image_size, seed=args.seed))
+                                         val=args.val, image_size=args.image_size, seed=args.seed,
+                                         max_epochs=args.max_epochs))
     summaries = [json.loads(Path(p).read_text()) for p in args.summary]
     result["summaries"] = [{"path": p, **{k: s[k] for k in ("accuracy", "blind_accuracy", "accuracy_by_type",
                                                             "blind_accuracy_by_type")}} for p, s in zip(args.summary, summaries)]
@@ -176,6 +192,21 @@ def _run_moe(args: argparse.Namespace) -> int:
         f"{r0['dtype']} on {r0['device']} ({r0['threads']} threads), torch {r0['torch']}, "
         f"transformers {r0['transformers']}, {r0['repeats']} interleaved rounds"
     )
+    print(markdown_table(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from llava_smoe.bench.serve import ServeBenchConfig, markdown_table, run_serve_bench
+
+    rows = run_serve_bench(ServeBenchConfig(
+        checkpoint=args.checkpoint, streams=args.streams, max_batch_size=args.max_batch_size,
+        arrival_rate=args.rate, rounds=args.rounds, threads=args.threads, device=args.device, seed=args.seed))
+    _write(rows, args.out)
+    r0 = rows[0]
+    print(f"{r0['streams']} streams arriving at {r0['arrival_rate']}/s, max batch {r0['max_batch_size']}, "
+          f"{r0['threads']} thread(s) on {r0['device']}, torch {r0['torch']}, {r0['rounds']} interleaved rounds")
     print(markdown_table(rows))
     print(f"wrote {args.out}")
     return 0

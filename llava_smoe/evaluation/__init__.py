@@ -12,9 +12,9 @@ from llava_smoe._lazy import lazy_exports
 __getattr__, __all__ = lazy_exports(__name__, {
     "ExactMatchResult": "exact_match",
     "evaluate_exact_match": "exact_match",
-    "GenerationOptions": "generation",
     "InferenceRunner": "generation",
     "Prompt": "generation",
+    "sampling_from_gen_kwargs": "generation",
     "QAItem": "questions",
     "export_parquet": "questions",
     "flatten_records": "questions",

@@ -1,14 +1,16 @@
-"""Batched generation and continuation log-likelihoods over a checkpoint's own processor.
+"""Generation (through the inference engine) and continuation log-likelihoods (teacher-forced
+forwards) over a checkpoint's own processor.
 
 Everything the model sees is built by `LlavaSmoeProcessor` (template, image placeholders,
-preprocessing), so evaluation prompts match training prompts token for token. Batches are
-LEFT-padded for generation (every row's next token sits in the last column) and right-padded
-for scoring.
+preprocessing), so evaluation prompts match training prompts token for token. Scoring batches
+are right-padded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,50 +19,28 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from llava_smoe.inference import EncodedPrompt, Engine, EngineConfig, SamplingParams, Turn, encode_turns
 from llava_smoe.processing.processor import IGNORE_INDEX
 
 
-@dataclass
-class GenerationOptions:
-    """Decoding settings. temperature 0 is greedy (or beam search with num_beams > 1);
-    `stop` strings end a sequence and are cut from the returned text."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float | None = None
-    num_beams: int = 1
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.num_beams, int) or self.num_beams < 1:
-            raise ValueError(f"num_beams must be an int >= 1, got {self.num_beams!r}")
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        self.stop = tuple(s for s in self.stop if s)
-
-    @classmethod
-    def from_gen_kwargs(cls, gen_kwargs: dict[str, Any], default_max_new_tokens: int = 64) -> GenerationOptions:
-        """From an lmms-eval task's generation_kwargs (`until`, `max_new_tokens`, `temperature`,
-        `top_p`, `num_beams`, `do_sample`); keys that only matter to other models are ignored."""
-        kw = dict(gen_kwargs)
-        until = kw.get("until") or ()
-        temperature = float(kw.get("temperature") or 0.0)
-        if kw.get("do_sample") is False:
-            temperature = 0.0
-        top_p = kw.get("top_p")
-        return cls(
-            max_new_tokens=int(kw.get("max_new_tokens") or default_max_new_tokens),
-            temperature=temperature,
-            top_p=float(top_p) if top_p is not None and temperature > 0 else None,
-            num_beams=int(kw.get("num_beams") or 1),
-            stop=(until,) if isinstance(until, str) else tuple(until),
-        )
+def sampling_from_gen_kwargs(gen_kwargs: dict[str, Any], default_max_new_tokens: int = 64) -> SamplingParams:
+    """An lmms-eval task's generation_kwargs (`until`, `max_new_tokens`, `temperature`, `top_p`,
+    `num_beams`, `do_sample`) as sampling options; keys that only matter to other models are ignored."""
+    kw = dict(gen_kwargs)
+    if int(kw.get("num_beams") or 1) > 1:
+        raise ValueError(f"num_beams={kw['num_beams']}: beam search is not supported; the engine decodes greedily "
+                         "or samples (set num_beams to 1)")
+    until = kw.get("until") or ()
+    temperature = float(kw.get("temperature") or 0.0)
+    if kw.get("do_sample") is False:
+        temperature = 0.0
+    top_p = kw.get("top_p")
+    return SamplingParams(
+        max_new_tokens=int(kw.get("max_new_tokens") or default_max_new_tokens),
+        temperature=temperature,
+        top_p=float(top_p) if top_p is not None and temperature > 0 else 1.0,
+        stop=tuple(s for s in ((until,) if isinstance(until, str) else until) if s),
+    )
 
 
 @dataclass
@@ -70,11 +50,6 @@ class Prompt:
 
     text: str
     images: list[Image.Image] = field(default_factory=list)
-
-
-def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 def sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -106,15 +81,13 @@ class InferenceRunner:
         size = self.processor.image_config.image_size
         return Image.new("RGB", (size, size), self.processor.image_config.mean_color)
 
-    def _with_placeholders(self, text: str, num_images: int) -> str:
-        token = self.processor.image_token
-        if num_images and token not in text:
-            return (token + "\n") * num_images + text
-        return text
+    def encode(self, prompt: Prompt) -> EncodedPrompt:
+        """The prompt's token ids (a task's text may place the images itself) and pixel values."""
+        return encode_turns(self.processor, [Turn("user", prompt.text, prompt.images)],
+                            allow_placeholders_in_text=True)
 
     def encode_prompt(self, prompt: Prompt) -> torch.Tensor:
-        messages = [{"role": "user", "content": self._with_placeholders(prompt.text, len(prompt.images))}]
-        return self.processor.build_generation_prompt(messages, has_image=len(prompt.images))
+        return self.encode(prompt).token_ids
 
     def prompt_length(self, prompt: Prompt) -> int:
         """Token count without tokenising the images' placeholders (cheap, for sorting)."""
@@ -127,56 +100,36 @@ class InferenceRunner:
         return self.processor.preprocess_images(images).to(self.device, self.dtype)
 
     # -- generation ---------------------------------------------------------------------------
-    @torch.no_grad()  # not inference_mode: routing statistics kept on the model must stay updatable
-    def generate_batch(self, prompts: Sequence[Prompt], options: GenerationOptions) -> list[str]:
-        """One forward batch; rows are left-padded."""
-        ids = [self.encode_prompt(p) for p in prompts]
-        width = max(len(x) for x in ids)
-        pad = self.processor.pad_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, width - len(x):] = x
-            attention_mask[row, width - len(x):] = 1
-        sample = options.temperature > 0
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=options.max_new_tokens,
-            do_sample=sample,
-            num_beams=options.num_beams,
-            pad_token_id=pad,
-            eos_token_id=list(self.processor.stop_token_ids),
-        )
-        if sample:
-            kwargs.update(temperature=options.temperature, top_p=options.top_p if options.top_p is not None else 1.0)
-        else:  # unset sampling knobs a checkpoint's generation_config may carry (they warn under greedy)
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if options.stop:
-            kwargs.update(stop_strings=list(options.stop), tokenizer=self.processor.tokenizer)
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            pixel_values=self._pixels([im for p in prompts for im in p.images]),
-            **kwargs,
-        )
-        texts = [self.processor.decode(row[width:]) for row in out.cpu()]
-        return [truncate_at_stop(t, options.stop).strip() for t in texts]
-
-    def generate(self, prompts: Sequence[Prompt], options: GenerationOptions, batch_size: int = 8) -> list[str]:
-        """Answers in the order of `prompts`; batches are formed by length."""
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, batch_size: int = 8) -> list[str]:
+        """Answers (stripped) in the order of `prompts`, generated by the engine with up to
+        `batch_size` rows decoding together. A reply is cut to the room its prompt leaves in the
+        context; a prompt that fills the context is an error."""
         answers: list[str | None] = [None] * len(prompts)
-        for batch in sorted_batches([self.prompt_length(p) for p in prompts], batch_size):
-            for i, text in zip(batch, self.generate_batch([prompts[i] for i in batch], options)):
-                answers[i] = text
+        in_flight: deque = deque()
+        with Engine(EngineConfig(max_batch_size=batch_size), model=self.model, processor=self.processor) as engine:
+            for i, prompt in enumerate(prompts):
+                encoded = self.encode(prompt)
+                room = engine.max_context - len(encoded.token_ids)
+                if room < 1:
+                    raise ValueError(f"prompt {i} has {len(encoded.token_ids)} tokens, which fill the context of "
+                                     f"{engine.max_context} tokens")
+                capped = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens or room, room))
+                in_flight.append((i, engine.submit_prompt(encoded, capped)))
+                # Encoding (image preprocessing) overlaps generation; a bounded window keeps memory flat.
+                while len(in_flight) > 2 * batch_size:
+                    j, handle = in_flight.popleft()
+                    answers[j] = handle.result().text.strip()
+            for j, handle in in_flight:
+                answers[j] = handle.result().text.strip()
         return answers  # type: ignore[return-value]
 
     # -- scoring ------------------------------------------------------------------------------
     def encode_continuation(self, prompt: Prompt, continuation: str) -> tuple[torch.Tensor, int]:
         """Token ids of prompt + continuation as the template writes an assistant reply, and the
         prompt's length. The end-of-turn marker is not part of the continuation."""
-        conversation = [
-            {"role": "user", "content": self._with_placeholders(prompt.text, len(prompt.images))},
-            {"role": "assistant", "content": continuation},
-        ]
+        conversation = self.processor.place_images(
+            [{"role": "user", "content": prompt.text}, {"role": "assistant", "content": continuation}],
+            has_image=len(prompt.images))
         sample = self.processor.encode_conversation(conversation, has_image=len(prompt.images))
         input_ids, labels = sample["input_ids"], sample["labels"]
         supervised = (labels != IGNORE_INDEX).nonzero().flatten()

@@ -3,8 +3,10 @@
     lmms-eval --model llava_smoe --model_args pretrained=CKPT[,dtype=bfloat16,max_new_tokens=128] \\
         --tasks gqa --batch_size 8 --output_path runs/eval
 
-The checkpoint's own processor decides the template, image token and preprocessing. Requests
-are grouped by generation settings, sorted by prompt length and run in left-padded batches.
+The checkpoint's own processor decides the template, image token and preprocessing. Generation
+requests are grouped by generation settings and run by the inference engine (continuous
+batching, `batch_size` rows at a time); log-likelihood requests are sorted by length and scored
+in padded batches.
 Several processes (`accelerate launch -m lmms_eval ...`): lmms-eval hands each rank its share
 of the requests; each process evaluates on its own device (data parallel, no model wrapping).
 """
@@ -25,9 +27,9 @@ from tqdm import tqdm
 
 from llava_smoe.config import Config, invalid, parse
 from llava_smoe.evaluation.generation import (
-    GenerationOptions,
     InferenceRunner,
     Prompt,
+    sampling_from_gen_kwargs,
     sorted_batches,
 )
 from llava_smoe.pretrained import DTypeChoice, load_pretrained, resolve_device
@@ -39,7 +41,8 @@ class ModelArgs(Config):
 
     pretrained: the checkpoint folder (required unless a model object is given). device: cuda,
     cpu (default: cuda when present). dtype: "auto" = bf16 on a GPU that has it, else fp32.
-    batch_size: requests per forward. max_new_tokens: when a task sets none. attn_implementation:
+    batch_size: rows decoded together (generation) or scored per forward (log-likelihoods).
+    max_new_tokens: when a task sets none. attn_implementation:
     "sdpa", "eager", "flash_attention_2", "auto". max_batch_size: lmms-eval always passes it;
     batches are fixed-size here.
     """
@@ -138,21 +141,18 @@ class LlavaSmoeLmms(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         args = [r.args for r in requests]
-        groups: dict[str, list[int]] = defaultdict(list)  # one batch never mixes decoding settings
+        groups: dict[str, list[int]] = defaultdict(list)  # requests with the same generation settings
         for i, a in enumerate(args):
             groups[json.dumps(a[1], sort_keys=True, default=str)].append(i)
         results: list[str | None] = [None] * len(args)
         pbar = tqdm(total=len(args), disable=self.rank != 0, desc="llava_smoe generate")
         for indices in groups.values():
-            options = GenerationOptions.from_gen_kwargs(args[indices[0]][1], self.max_new_tokens)
-            lengths = [self._text_length(args[i][0]) for i in indices]
-            for batch in sorted_batches(lengths, self.batch_size):
-                chosen = [indices[j] for j in batch]
-                prompts = [self._prompt(args[i][0], *args[i][2:6]) for i in chosen]
-                for i, text in zip(chosen, self.runner.generate_batch(prompts, options)):
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), text)
-                pbar.update(len(chosen))
+            params = sampling_from_gen_kwargs(args[indices[0]][1], self.max_new_tokens)
+            prompts = [self._prompt(args[i][0], *args[i][2:6]) for i in indices]
+            for i, text in zip(indices, self.runner.generate(prompts, params, batch_size=self.batch_size)):
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), text)
+            pbar.update(len(indices))
         pbar.close()
         return results  # type: ignore[return-value]
 

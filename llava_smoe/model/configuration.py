@@ -164,12 +164,3 @@ def _upgrade_v1(config: LlavaSmoeConfig, v1: dict[str, Any]) -> None:
             config.projector_config = {**config.projector_config, "moe_config": moe}
     config.vision_config = vision
     config.format_version = FORMAT_VERSION
-
-
-def _finish_registration() -> None:
-    import llava_smoe
-
-    llava_smoe.register_deferred()
-
-
-_finish_registration()

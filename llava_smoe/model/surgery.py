@@ -53,7 +53,7 @@ def lm_moe(config: Any) -> MoELayers | None:
     return None if not entry else parse(MoELayers, entry, (LM_MOE_KEY,))
 
 
-def _moe_of(blocks: Sequence[nn.Module]) -> MoELayers | None:
+def moe_of(blocks: Sequence[nn.Module]) -> MoELayers | None:
     """The record of the MoE layers found in `blocks` (their `mlp`), from the modules themselves."""
     found = [(i, b.mlp) for i, b in enumerate(blocks) if isinstance(getattr(b, "mlp", None), MoELayer)]
     if not found:
@@ -66,7 +66,7 @@ def _moe_of(blocks: Sequence[nn.Module]) -> MoELayers | None:
 
 def record_lm_moe(lm: nn.Module) -> None:
     """Write the language model's MoE layers into its config (or remove a stale record)."""
-    moe = _moe_of(decoder_layers(lm))
+    moe = moe_of(decoder_layers(lm))
     if moe is None:
         if hasattr(lm.config, LM_MOE_KEY):
             delattr(lm.config, LM_MOE_KEY)
@@ -79,7 +79,7 @@ def record_moe(model: LlavaSmoeForConditionalGeneration) -> None:
     from .projector import MoEProjector
 
     record_lm_moe(model.language_model)
-    tower = _moe_of(model.vision_tower.blocks())
+    tower = moe_of(model.vision_tower.blocks())
     model.config.vision_config = {**model.config.vision_config, "moe": None if tower is None else dump(tower)}
     projector = model.projector.base if hasattr(model.projector, "base") else model.projector
     if isinstance(projector, MoEProjector):

@@ -108,6 +108,27 @@ def token_groups(model: nn.Module | Iterable[MoELayer], groups: torch.Tensor | N
             layer.set_token_groups(None)
 
 
+@contextmanager
+def token_owners(model: nn.Module | Iterable[MoELayer], owners: torch.Tensor | None, num_owners: int):
+    """Label tokens with their owner (e.g. the request of each row of a serving batch) for the
+    forwards inside the block; `take_owner_counts` then returns the routing of each owner.
+    Owners >= num_owners (padding) are not counted."""
+    layers = list(_layers(model))
+    for layer in layers:
+        layer.set_token_owners(owners, num_owners)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_token_owners(None)
+
+
+def take_owner_counts(model: nn.Module | Iterable[MoELayer]) -> list[torch.Tensor | None]:
+    """Per MoE layer, the tokens each owner sent to each expert since the last call
+    ([num_owners, 2 (text, image), E], on the layer's device; None where nothing was counted)."""
+    return [layer.router.stats.pop("tokens_per_owner_expert") for layer in _layers(model)]
+
+
 def convert_mot_to_token_choice(model: nn.Module, router: str = "smoe", top_k: int | None = None) -> int:
     """Turn every Mixture-of-Tokens layer into token-choice sparse routing, in place.
 

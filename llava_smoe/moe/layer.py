@@ -41,6 +41,7 @@ class MoELayer(nn.Module):
         )
         self._aux: dict[str, torch.Tensor] = {}
         self._token_groups_T: torch.Tensor | None = None
+        self._token_owners: tuple[torch.Tensor, int] | None = None
         self._auto_impl: tuple[torch.dtype, str] | None = None  # (expert dtype, choice)
 
     @property
@@ -58,6 +59,11 @@ class MoELayer(nn.Module):
         """Label the next forward's tokens (0 = text, 1 = image) for split routing statistics."""
         self._token_groups_T = None if groups is None else groups.reshape(-1).long()
 
+    def set_token_owners(self, owners: torch.Tensor | None, num_owners: int = 0) -> None:
+        """Label the next forwards' tokens with their owner (0 <= owner < num_owners counted) for
+        routing statistics per owner (`tokens_per_owner_expert`)."""
+        self._token_owners = None if owners is None else (owners.reshape(-1).long(), num_owners)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         D = x.shape[-1]
         if D != self.hidden_size:
@@ -66,7 +72,13 @@ class MoELayer(nn.Module):
         groups = self._token_groups_T
         if groups is not None and groups.numel() != x_TD.shape[0]:
             groups = None  # labels were for another input (e.g. a cached decoding step)
-        call = RouteCall(impl=self.impl, batch_shape=tuple(x.shape[:-1]), token_groups_T=groups)
+        owners, num_owners = self._token_owners or (None, 0)
+        if owners is not None and owners.numel() != x_TD.shape[0]:
+            owners = None
+        if owners is not None and groups is None:
+            groups = torch.zeros_like(owners)  # no modality labels (a decoding step): text
+        call = RouteCall(impl=self.impl, batch_shape=tuple(x.shape[:-1]), token_groups_T=groups,
+                         token_owners_T=owners, num_token_owners=num_owners)
         y_TD, aux = self.router(x_TD, self.experts, call)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts.forward_all(x_TD).sum(1)

@@ -20,7 +20,8 @@ RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BI
 class ImageProcessingConfig(Config):
     """How images become tensors. `mode`: 'pad' pads to a square with the mean colour (LLaVA-1.5's
     choice: nothing is cropped away), 'resize' stretches, 'center_crop' resizes the short side and
-    crops."""
+    crops (CLIP's preprocessing). Each gives the pixels transformers' LLaVA / CLIP image processors
+    give with the same settings (PIL backend)."""
 
     image_size: int = 336
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -38,7 +39,9 @@ class ImageProcessingConfig(Config):
 
     @property
     def mean_color(self) -> tuple[int, int, int]:
-        return tuple(int(round(255 * v)) for v in self.mean)
+        """The padding colour: the mean truncated to 8 bits, as LLaVA's expand2square and
+        transformers' LLaVA image processor compute it (so exported checkpoints pad alike)."""
+        return tuple(int(255 * v) for v in self.mean)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -80,8 +83,8 @@ def preprocess_image(image: Image.Image, config: ImageProcessingConfig) -> torch
         image = image.resize((size, size), resample)
     else:
         w, h = image.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        # The short side becomes `size`, the long one int(size * long / short): CLIP's resize.
+        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         image = image.resize((nw, nh), resample)
         left, top = (nw - size) // 2, (nh - size) // 2
         image = image.crop((left, top, left + size, top + size))

@@ -172,20 +172,49 @@ class LlavaSmoeProcessor:
         input_ids, labels = self._tokenize(segments, num_images)
         return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
+    def place_images(self, messages: Sequence[Any], has_image: bool | int | Sequence[int]) -> list[Message]:
+        """The messages with their image placeholders: the one place they are inserted.
+
+        has_image: the number of images of each message, whose placeholders go at the start of
+        that message's text (which must not contain the placeholder itself; only user messages
+        may carry images); or whether / how many images the conversation has: when no text
+        places them, their placeholders all go at the start of the first user turn (where LLaVA
+        training data has them)."""
+        placeholder = self.config.image_token
+        msgs = normalize_messages(messages)
+        if not isinstance(has_image, Sequence):
+            num_images = int(has_image)
+            if not num_images or any(placeholder in m.content for m in msgs):
+                return msgs
+            first_user = next((i for i, m in enumerate(msgs) if m.role == "user"), 0)
+            has_image = [num_images if i == first_user else 0 for i in range(len(msgs))]
+        elif len(has_image) != len(msgs):
+            raise ValueError(f"has_image gives image counts for {len(has_image)} messages, the conversation "
+                             f"has {len(msgs)}")
+        else:
+            for i, (m, n) in enumerate(zip(msgs, has_image)):
+                if placeholder in m.content:
+                    raise ConversationError(f"message {i} contains the reserved image token {placeholder!r}; "
+                                            "attach images instead")
+                if n and m.role != "user":
+                    raise ConversationError(f"message {i} ({m.role}) has images; only user messages may carry images")
+        return [Message(m.role, (placeholder + "\n") * n + m.content) for m, n in zip(msgs, has_image)]
+
     def build_generation_prompt(
-        self, messages: Sequence[Any], has_image: bool | int = False, *, insert_image_placeholder: bool = True
+        self, messages: Sequence[Any], has_image: bool | int | Sequence[int] = False, *,
+        insert_image_placeholder: bool = True,
     ) -> torch.Tensor:
         """Token ids of the conversation so far plus the assistant header, ready for generation.
 
-        With images given and no placeholder in the text, one placeholder per image is put at the
-        start of the first user turn (where LLaVA training data has it)."""
-        msgs = self._messages(messages)
+        Placeholders are placed by `place_images` (insert_image_placeholder=False: the text holds
+        them already)."""
+        if insert_image_placeholder or isinstance(has_image, Sequence):
+            msgs = self.place_images(messages, has_image)
+        else:
+            msgs = normalize_messages(messages)
+        num_images = sum(has_image) if isinstance(has_image, Sequence) else int(has_image)
+        msgs = self._with_system(msgs)
         check_turn_order(msgs, for_generation=True)
-        num_images = int(has_image)
-        placeholder = self.config.image_token
-        if insert_image_placeholder and num_images and not any(placeholder in m.content for m in msgs):
-            first_user = next(i for i, m in enumerate(msgs) if m.role == "user")
-            msgs[first_user] = Message("user", (placeholder + "\n") * num_images + msgs[first_user].content)
         segments = self.template.render_segments(
             msgs, add_generation_prompt=True, bos=self.tokenizer.bos_token, eos=self.tokenizer.eos_token
         )

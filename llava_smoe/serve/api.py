@@ -1,13 +1,15 @@
 """`llava-smoe serve`: an OpenAI-compatible HTTP API over the engine (FastAPI + uvicorn).
 
 POST /v1/chat/completions (text and image_url parts, `stream: true` as server-sent events),
-GET /v1/models, GET /health. Binds 127.0.0.1 unless told otherwise.
+GET /v1/models, GET /health. Binds 127.0.0.1 unless told otherwise; with an API key, every
+route but /health needs `Authorization: Bearer KEY`.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves endpoint annotations when they are defined.
 import argparse
-import ipaddress
+import hmac
 import json
+import os
 import sys
 import time
 import uuid
@@ -16,16 +18,20 @@ from typing import TYPE_CHECKING, Any
 from llava_smoe.serve.config import (
     ServerLimits,
     add_engine_arguments,
+    bind_warning,
     engine_config_from_args,
 )
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from llava_smoe.serve.engine import Engine
+    from llava_smoe.inference import Engine
 
 
-def create_app(engine: "Engine", limits: ServerLimits, model_name: str) -> "FastAPI":
+API_KEY_ENV = "LLAVA_SMOE_API_KEY"
+
+
+def create_app(engine: "Engine", limits: ServerLimits, model_name: str, api_key: str | None = None) -> "FastAPI":
     import asyncio
 
     from fastapi import FastAPI, Request
@@ -33,7 +39,7 @@ def create_app(engine: "Engine", limits: ServerLimits, model_name: str) -> "Fast
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    from llava_smoe.serve.engine import RequestError, SamplingParams, Turn
+    from llava_smoe.inference import RequestError, SamplingParams, Turn
     from llava_smoe.serve.schema import (
         APIError,
         decode_image,
@@ -61,9 +67,27 @@ def create_app(engine: "Engine", limits: ServerLimits, model_name: str) -> "Fast
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", code="internal_error", type="server_error"),
                             status_code=500)
 
+    if api_key:
+        expected = api_key.encode()
+
+        @app.middleware("http")
+        async def _require_api_key(request: Request, call_next):
+            if request.url.path == "/health":
+                return await call_next(request)
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                message = "missing API key: send the header 'Authorization: Bearer KEY'"
+            elif not hmac.compare_digest(token.strip().encode(), expected):
+                message = "incorrect API key"
+            else:
+                return await call_next(request)
+            return JSONResponse(error_body(message, code="invalid_api_key"), status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "active_requests": active["requests"]}
+        return {"status": "ok", "model": model_name, "active_requests": active["requests"],
+                "decode_steps": engine.decode_steps}
 
     @app.get("/v1/models")
     async def models():
@@ -98,12 +122,11 @@ def create_app(engine: "Engine", limits: ServerLimits, model_name: str) -> "Fast
         return turns
 
     def sampling_params(req) -> SamplingParams:
-        max_tokens = req.requested_max_tokens
-        if max_tokens is not None and max_tokens > limits.max_tokens:
-            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
+        params = req.sampling_params()
+        if params.max_new_tokens is not None and params.max_new_tokens > limits.max_tokens:
+            raise APIError(400, f"max_tokens={params.max_new_tokens} is over this server's limit of {limits.max_tokens}",
                            code="max_tokens_too_large", param="max_tokens")
-        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              stop=req.stop_list, seed=req.seed)
+        return params
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -198,6 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint folder name)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV}, "
+                             "which keeps the key out of the process list)")
     limits = parser.add_argument_group("request limits (over a limit: a 4xx error, never truncation)")
     limits.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     limits.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes)
@@ -207,7 +233,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest max_tokens a request may ask for")
     limits.add_argument("--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests,
                         help="requests in flight before new ones get 429")
-    limits.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off by default)")
+    limits.add_argument("--allow-remote-images", action="store_true",
+                        help="fetch http(s) image URLs from public addresses (off by default)")
+    limits.add_argument("--allow-private-image-host", action="append", default=[], metavar="HOST",
+                        help="with --allow-remote-images, also fetch from HOST when it resolves to a loopback, "
+                             "private or link-local address (repeatable)")
     limits.add_argument("--allow-file-urls", action="append", default=[], metavar="DIR",
                         help="accept file:// image URLs under DIR (repeatable; off by default)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -222,6 +252,7 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
         max_tokens=args.max_tokens_limit,
         max_concurrent_requests=args.max_concurrent_requests,
         allow_remote_images=args.allow_remote_images,
+        allowed_image_hosts=args.allow_private_image_host,
         file_url_roots=args.allow_file_urls,
     )
 
@@ -229,29 +260,21 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from llava_smoe.serve.engine import Engine
+    from llava_smoe.inference import Engine
 
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         limits = limits_from_args(args)
         engine = Engine(engine_config_from_args(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not _is_loopback(args.host):
-        print(f"warning: binding {args.host}: the API has no authentication; anyone who can reach this address "
-              "can use it", file=sys.stderr)
-    app = create_app(engine, limits, args.model_name or engine.model_name)
+    warning = bind_warning(args.host, api_key is not None, "the API", f"set --api-key or ${API_KEY_ENV}")
+    if warning:
+        print(warning, file=sys.stderr)
+    app = create_app(engine, limits, args.model_name or engine.model_name, api_key=api_key)
     print(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 ({engine.device}, {engine.dtype})",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     engine.close()
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

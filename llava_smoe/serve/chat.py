@@ -28,7 +28,7 @@ def chat_loop(engine, conversation, params, read: Callable[[str], str], out: Tex
     """Read messages and commands until /quit or end of input."""
     from llava_smoe.processing import load_image
     from llava_smoe.serve.conversation import routing_lines
-    from llava_smoe.serve.engine import RequestError
+    from llava_smoe.inference import RequestError
 
     out.write(f"{HELP}\n")
     while True:
@@ -73,7 +73,7 @@ def chat_loop(engine, conversation, params, read: Callable[[str], str], out: Tex
 def run(args: argparse.Namespace) -> int:
     from llava_smoe.processing import load_image
     from llava_smoe.serve.conversation import Conversation
-    from llava_smoe.serve.engine import Engine, SamplingParams
+    from llava_smoe.inference import Engine, SamplingParams
 
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)

@@ -1,55 +1,20 @@
-"""Serving configs: the engine (model, device, batching) and the HTTP server's limits.
+"""Serving configs: the engine's command-line arguments and the HTTP server's limits.
 
-Configs validated at construction, importable without torch so the CLI's argument parsing
-stays fast.
+Importable without torch so the CLI's argument parsing stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from dataclasses import dataclass, field
 
 from llava_smoe.config import Config, invalid
-from llava_smoe.pretrained import DTYPES, DTypeChoice
+from llava_smoe.inference.config import EngineConfig
+from llava_smoe.pretrained import DTYPES
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass
-class EngineConfig(Config):
-    """How a checkpoint is loaded and run.
-
-    device "auto" picks CUDA when available; dtype "auto" is bfloat16 on CUDA, float32 on CPU.
-    max_batch_size: requests decoded together in one batch (1 serialises them).
-    max_context: prompt + new tokens allowed per request; None means the language model's
-        max_position_embeddings (a smaller value is a hard cap, a larger one is refused).
-    default_max_new_tokens: used when a request does not say (capped by the room left).
-    num_threads: CPU threads for torch (None: torch's default); 1 is fastest for small models on
-        a busy machine, where intra-op threads mostly wait on each other.
-    """
-
-    checkpoint: str
-    device: str = "auto"
-    dtype: DTypeChoice = "auto"
-    max_batch_size: int = 8
-    max_context: int | None = None
-    default_max_new_tokens: int = 256
-    attn_implementation: str = "sdpa"
-    num_threads: int | None = None
-
-    def validate(self) -> None:
-        if not os.path.isdir(self.checkpoint):
-            raise invalid("checkpoint", f"{self.checkpoint!r} is not a folder (expected a save_pretrained output)")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise invalid("device", f"must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
-        for name in ("max_batch_size", "default_max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise invalid(name, f"must be a positive int, got {getattr(self, name)!r}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise invalid("num_threads", f"must be a positive int or None, got {self.num_threads!r}")
-        if self.max_context is not None and self.max_context < 2:
-            raise invalid("max_context", f"must be an int >= 2 or None (the model's own), got {self.max_context!r}")
+__all__ = ["EngineConfig", "ServerLimits", "add_engine_arguments", "bind_warning", "engine_config_from_args"]
 
 
 @dataclass
@@ -58,7 +23,10 @@ class ServerLimits(Config):
 
     max_concurrent_requests: requests in flight (streaming ones until their last chunk);
         one more gets 429.
-    allow_remote_images: fetch http(s) image URLs (off: only data URLs are accepted).
+    allow_remote_images: fetch http(s) image URLs (off: only data URLs are accepted); hosts
+        resolving to loopback, private, link-local, multicast or reserved addresses are refused.
+    allowed_image_hosts: host names whose private addresses may be fetched from all the same
+        (an image server on the local network).
     file_url_roots: folders `file://` image URLs may point into (empty: file URLs refused).
     """
 
@@ -70,6 +38,7 @@ class ServerLimits(Config):
     max_concurrent_requests: int = 16
     allow_remote_images: bool = False
     remote_image_timeout_s: float = 10.0
+    allowed_image_hosts: list[str] = field(default_factory=list)
     file_url_roots: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -84,6 +53,9 @@ class ServerLimits(Config):
                 raise invalid("file_url_roots", f"file URL root {root!r} is not a folder")
             roots.append(os.path.realpath(root))
         self.file_url_roots = roots
+        self.allowed_image_hosts = [h.lower().rstrip(".") for h in self.allowed_image_hosts]
+        if self.remote_image_timeout_s <= 0:
+            raise invalid("remote_image_timeout_s", f"must be > 0, got {self.remote_image_timeout_s!r}")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,3 +82,20 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attn_implementation=args.attn_implementation,
         num_threads=args.threads,
     )
+
+
+def bind_warning(host: str, protected: bool, what: str, fix: str) -> str | None:
+    """The warning for serving `what` on a non-loopback address without a login, or None."""
+    if protected or _is_loopback(host):
+        return None
+    return (f"warning: binding {host} with no authentication: anyone who can reach this address can use {what}; "
+            f"{fix}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

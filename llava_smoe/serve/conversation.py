@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
-from llava_smoe.serve.engine import Completion, SamplingParams, Turn
+from llava_smoe.inference.engine import Completion, Turn
+from llava_smoe.inference.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from llava_smoe.serve.engine import Engine
+    from llava_smoe.inference.engine import Engine
 
 
 @dataclass

@@ -9,13 +9,17 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import os
+import socket
+import time
 from typing import Annotated, Any, Literal, Union
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llava_smoe.inference.sampling import RequestError, SamplingParams
 from llava_smoe.serve.config import ServerLimits
 
 
@@ -66,26 +70,36 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(_Strict):
+    """The wire format. Sampling fields are typed here and checked by `SamplingParams` (the one
+    place their ranges live); `ignore_eos` is vLLM's extension (generate through end-of-turn)."""
+
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0  # OpenAI's default
+    top_p: float = 1.0
+    stop: str | list[str] | None = Field(default=None, max_length=4)  # OpenAI: up to 4 sequences
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
     n: Literal[1] = 1
     user: str | None = None
+    ignore_eos: bool = False
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    @property
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    def sampling_params(self) -> SamplingParams:
+        """The request's sampling options; an invalid one is a 400 naming its field."""
+        try:
+            return SamplingParams(max_new_tokens=self.requested_max_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
+                                  seed=self.seed, ignore_eos=self.ignore_eos)
+        except RequestError as e:
+            param = "max_tokens" if e.param == "max_new_tokens" else e.param
+            raise APIError(400, str(e), code="invalid_value", param=param) from None
 
 
 def parse_request(payload: Any) -> ChatCompletionRequest:
@@ -176,23 +190,81 @@ def _file_url_bytes(url: str, limits: ServerLimits, param: str) -> bytes:
 
 
 def _fetch_remote(url: str, limits: ServerLimits, param: str) -> bytes:
+    """GET an http(s) image from a public address. The host is resolved once and the connection
+    goes to the address that was checked (the URL names it; the Host header and TLS SNI name the
+    host), so a second lookup cannot point it elsewhere (DNS rebinding); no redirect is followed,
+    no proxy from the environment is used, and size and total time are capped."""
     import httpx
 
+    parsed = urlsplit(url)
     try:
-        with httpx.stream("GET", url, timeout=limits.remote_image_timeout_s, follow_redirects=False) as response:
-            if response.status_code != 200:
-                raise APIError(400, f"fetching the image URL returned HTTP {response.status_code}",
-                               code="image_fetch_failed", param=param)
-            chunks, total = [], 0
-            for chunk in response.iter_bytes():
-                total += len(chunk)
-                if total > limits.max_image_bytes:
-                    raise _too_large(total, limits, param)
-                chunks.append(chunk)
-            return b"".join(chunks)
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme.lower() == "https" else 80)
+    except ValueError:
+        raise APIError(400, "image URL has an invalid port", code="invalid_image_url", param=param) from None
+    if not host:
+        raise APIError(400, "image URL has no host", code="invalid_image_url", param=param)
+    if parsed.username is not None or parsed.password is not None:
+        raise APIError(400, "image URLs with credentials are refused", code="invalid_image_url", param=param)
+    address = checked_address(host, port, limits, param)
+    netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    target = urlunsplit((parsed.scheme, netloc, parsed.path or "/", parsed.query, ""))
+    headers = {"Host": parsed.netloc}
+    extensions = {"sni_hostname": host} if parsed.scheme.lower() == "https" else {}
+    deadline = time.monotonic() + limits.remote_image_timeout_s
+    try:
+        with httpx.Client(timeout=limits.remote_image_timeout_s, follow_redirects=False, trust_env=False) as client:
+            with client.stream("GET", target, headers=headers, extensions=extensions) as response:
+                if response.is_redirect:
+                    raise APIError(400, f"the image URL redirects (HTTP {response.status_code}); redirects are not "
+                                        "followed: give the final URL", code="image_fetch_failed", param=param)
+                if response.status_code != 200:
+                    raise APIError(400, f"fetching the image URL returned HTTP {response.status_code}",
+                                   code="image_fetch_failed", param=param)
+                chunks, total = [], 0
+                for chunk in response.iter_bytes():
+                    total += len(chunk)
+                    if total > limits.max_image_bytes:
+                        raise _too_large(total, limits, param)
+                    if time.monotonic() > deadline:
+                        raise APIError(400, f"fetching the image took over {limits.remote_image_timeout_s} s",
+                                       code="image_fetch_failed", param=param)
+                    chunks.append(chunk)
+                return b"".join(chunks)
     except httpx.HTTPError as e:
         raise APIError(400, f"fetching the image URL failed: {type(e).__name__}", code="image_fetch_failed",
                        param=param) from None
+
+
+def checked_address(host: str, port: int, limits: ServerLimits, param: str) -> str:
+    """The address to connect to for `host`: every address it resolves to must be public
+    (not loopback, private, link-local such as the cloud metadata address 169.254.169.254,
+    multicast or reserved) unless the host is one of `limits.allowed_image_hosts`."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise APIError(400, f"cannot resolve the image host {host!r}", code="image_fetch_failed", param=param) from None
+    addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
+    if host.lower().rstrip(".") not in limits.allowed_image_hosts:
+        for address in addresses:
+            kind = _internal_kind(ipaddress.ip_address(address))
+            if kind:
+                raise APIError(403, f"image host {host!r} resolves to {address}, a {kind} address; this server "
+                                    "fetches images from public addresses only (--allow-private-image-host HOST "
+                                    "allows a named host)", code="image_host_not_allowed", param=param,
+                               type="permission_error")
+    return addresses[0]
+
+
+def _internal_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What makes `ip` internal ("loopback", "private", ...), or None for a public address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is not None:
+            return _internal_kind(embedded)
+    for kind in ("loopback", "link_local", "multicast", "private", "unspecified", "reserved"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if ip.is_global else "non-global"
 
 
 def decode_image(raw: bytes, limits: ServerLimits, param: str) -> Image.Image:

@@ -12,10 +12,12 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from llava_smoe.serve.config import add_engine_arguments, engine_config_from_args
+from llava_smoe.serve.config import add_engine_arguments, bind_warning, engine_config_from_args
+
+AUTH_ENV = "LLAVA_SMOE_WEB_AUTH"
 
 if TYPE_CHECKING:
-    from llava_smoe.serve.engine import Completion, Engine
+    from llava_smoe.inference import Completion, Engine
 
 EXAMPLES = [
     "What is in this image?",
@@ -29,6 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--system", default=None, help="system prompt (default: the checkpoint's template default)")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                        help=f"put the page behind a login (default: ${AUTH_ENV}, which keeps the password out of "
+                             "the process list)")
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """'USER:PASSWORD' -> (user, password); None stays None."""
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ValueError(f"--auth / ${AUTH_ENV} must be USER:PASSWORD with both parts non-empty")
+    return user, password
 
 
 def routing_html(completion: "Completion | None") -> str:
@@ -51,12 +66,9 @@ def routing_html(completion: "Completion | None") -> str:
                 "</td>"
             )
         rows.append(f"<tr><th>{html.escape(row['layer'])}</th>{''.join(cells)}</tr>")
-    note = ""
-    if completion.routing_batch_size > 1:
-        note = f"<p>Counted over a batch of {completion.routing_batch_size} requests.</p>"
     return (
         "<table class='routing'><thead><tr><th>MoE layer</th>" + head + "</tr></thead><tbody>"
-        + "".join(rows) + "</tbody></table>" + note
+        + "".join(rows) + "</tbody></table>"
     )
 
 
@@ -75,7 +87,7 @@ def build_demo(engine: "Engine", system: str | None = None) -> Any:
 
     from llava_smoe.processing import load_image
     from llava_smoe.serve.conversation import Conversation
-    from llava_smoe.serve.engine import RequestError, SamplingParams
+    from llava_smoe.inference import RequestError, SamplingParams
 
     default_tokens = min(engine.config.default_max_new_tokens, engine.max_context // 2)
 
@@ -144,18 +156,22 @@ def build_demo(engine: "Engine", system: str | None = None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from llava_smoe.serve.engine import Engine
+    from llava_smoe.inference import Engine
 
     try:
+        auth = parse_auth(args.auth or os.environ.get(AUTH_ENV) or None)
         engine = Engine(engine_config_from_args(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = bind_warning(args.host, auth is not None, "the model", "set --auth USER:PASSWORD or $" + AUTH_ENV)
+    if warning:
+        print(warning, file=sys.stderr)
     demo = build_demo(engine, system=args.system)
     print(f"web chat for {engine.model_name} on http://{args.host}:{args.port}", flush=True)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, css=CSS,
-                    footer_links=[])
+                    footer_links=[], auth=auth)
     finally:
         engine.close()
     return 0

@@ -58,6 +58,10 @@ class RouteCall:
     impl: str  # "grouped" or "loop"
     batch_shape: tuple[int, ...]  # leading dims of the layer input (B, S) or (T,)
     token_groups_T: torch.Tensor | None = None  # long, 0 = text, 1 = image
+    # Long, the owner of each token (e.g. the request a serving batch row belongs to); owners
+    # >= num_token_owners (padding) are not counted. Set only together with token_groups_T.
+    token_owners_T: torch.Tensor | None = None
+    num_token_owners: int = 0
 
 
 def load_cv(counts_E: torch.Tensor) -> float:
@@ -81,6 +85,9 @@ class RoutingStats:
 
     def get(self, key: str) -> torch.Tensor | None:
         return self._acc.get(key)
+
+    def pop(self, key: str) -> torch.Tensor | None:
+        return self._acc.pop(key, None)
 
     def reset(self) -> None:
         self._acc.clear()
@@ -160,6 +167,11 @@ class Router(nn.Module):
             key_P = expert_P
         counts = torch.bincount(key_P, minlength=NUM_TOKEN_GROUPS * E)[: NUM_TOKEN_GROUPS * E]
         self.stats.add("tokens_per_expert", counts.view(NUM_TOKEN_GROUPS, E))
+        if call.token_owners_T is not None and token_P is not None:
+            O, n = call.num_token_owners, call.num_token_owners * NUM_TOKEN_GROUPS * E
+            owner_key_P = call.token_owners_T[token_P] * (NUM_TOKEN_GROUPS * E) + key_P
+            counts_OGE = torch.bincount(owner_key_P, minlength=n)[:n].view(O, NUM_TOKEN_GROUPS, E)
+            self.stats.add("tokens_per_owner_expert", counts_OGE)
 
     def record_entropy(self, probs_TE: torch.Tensor) -> None:
         p = probs_TE.detach().float()
