@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -91,9 +92,13 @@ def run(args: argparse.Namespace) -> int:
         data = PipelineData(train=Path(args.train), test=Path(args.test), images=Path(args.image_folder),
                             val=Path(args.val) if args.val else None,
                             captions=Path(args.captions) if args.captions else None, image_size=args.image_size)
-    summary = run_quickstart(Path(args.out), Path(args.data), Path(args.recipes), args.router, args.seed,
-                             progress=not args.no_progress, num_train=args.num_train, overrides=args.overrides,
-                             own_data=data)
+    try:
+        summary = run_quickstart(Path(args.out), Path(args.data), Path(args.recipes), args.router, args.seed,
+                                 progress=not args.no_progress, num_train=args.num_train, overrides=args.overrides,
+                                 own_data=data)
+    except StageIncomplete as exc:  # stopped by a signal or a non-finite loss: said in one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0
 
@@ -183,6 +188,10 @@ def _stage_overrides(stage: str, out: Path, data: PipelineData, router: str, see
     return common + paths + tuning + [f"vlm.init_from={o}/pretrain/final", f"vlm.moe.router={router}"]
 
 
+class StageIncomplete(RuntimeError):
+    """A stage ended before its last step (a signal, a non-finite loss)."""
+
+
 def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int = 0, progress: bool = True,
                    num_train: int = NUM_TRAIN_IMAGES, num_test: int = NUM_TEST_IMAGES,
                    overrides: list[str] | tuple[str, ...] = (), own_data: PipelineData | None = None) -> dict:
@@ -204,7 +213,7 @@ def run_quickstart(out: Path, data: Path, recipes: Path, router: str, seed: int 
         run_config = load_recipe(recipe, _stage_overrides(stage, out, pipeline, router, seed, progress) + list(overrides))
         result = train(run_config)
         if result.status != "completed":
-            raise RuntimeError(f"stage {stage} did not complete: {result.message}")
+            raise StageIncomplete(f"stage {stage} did not complete: {result.message}")
         seconds[stage] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()

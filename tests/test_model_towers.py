@@ -118,6 +118,19 @@ def test_open_clip_from_config_file_and_checkpoint(tmp_path):
         torch.testing.assert_close(loaded.model.state_dict()[name], value)
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip", "open_clip"])
+def test_a_frozen_tower_can_keep_its_position_embedding_trainable(kind):
+    tower = build_vision_tower({**tiny_vision_config(kind), "freeze_except": ["*position*embedding*"]})
+    trainable = [n for n, p in tower.named_parameters() if p.requires_grad]
+    assert len(trainable) == 1 and "position" in trainable[0], trainable
+    tower(_pixels()).sum().backward()
+    grads = {n: p.grad for n, p in tower.named_parameters()}
+    assert grads[trainable[0]].abs().sum() > 0
+    assert all(g is None for n, g in grads.items() if n != trainable[0])
+    with pytest.raises(ValueError, match="'no_such_weight' matches none of the tower's parameters"):
+        build_vision_tower({**tiny_vision_config(kind), "freeze_except": ["no_such_weight"]})
+
+
 def test_vision_config_validation():
     with pytest.raises(ValueError, match="backend"):
         VisionTowerConfig(backend="timm")

@@ -213,3 +213,15 @@ def test_preprocess_images_batch_shape(tokenizer):
     x = p.preprocess_images([Image.new("RGB", (30, 10)), Image.new("L", (8, 8))])
     assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
     assert p.preprocess_images([]).shape == (0, 3, 16, 16)
+
+
+def test_a_trained_tokenizer_writes_each_role_word_as_one_token():
+    # The corpus never says "assistant": trained on it alone, a chatml turn header would cost 10 tokens.
+    tok = train_bpe_tokenizer(CORPUS, vocab_size=400)
+    for header in ("<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>system\n"):
+        assert len(tok.encode(header, add_special_tokens=False)) == 3, header
+    for header in ("USER:", "ASSISTANT:"):
+        assert len(tok.encode(header, add_special_tokens=False)) == 2, header
+    # The corpus's own words are still whole.
+    assert [tok.decode([i]) for i in tok.encode("What color is the circle?", add_special_tokens=False)] == [
+        "What", " color", " is", " the", " circle", "?"]

@@ -83,3 +83,17 @@ def test_own_data_errors_are_one_line(tmp_path, capsys):
     assert main(["quickstart", "--train", str(tmp_path / "t.json"), "--test", str(tmp_path / "t.json"),
                  "--image-folder", str(tmp_path / "images"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --train {tmp_path / 't.json'} does not exist"
+
+
+@pytest.mark.slow
+def test_a_stage_that_stops_early_ends_the_quickstart_in_one_line(tmp_path, capsys):
+    from llava_smoe.cli import main
+
+    # A learning rate that overflows: the first stage skips five non-finite steps and stops.
+    rc = main(["quickstart", "--recipes", str(RECIPES), "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"),
+               "--num-train", "48", "--no-progress", "--set", "train.max_steps=20", "--set", "train.micro_batch_size=8",
+               "--set", 'optim.groups=[{name: all, patterns: ["*"], lr: 1.0e+38}]'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith("error: stage lm did not complete: stopped at step 6: 5 non-finite steps"), err[-1]
+    assert not (tmp_path / "o" / "lm" / "final").exists()

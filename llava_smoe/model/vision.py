@@ -14,10 +14,11 @@ the VLM stores in its own config.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +60,9 @@ class VisionTowerConfig(Config):
     feature_layer: hidden layer whose tokens are used (HF hidden_states indexing).
     feature_select: "patch" drops the CLS token, "cls_patch" keeps it (CLIP-style towers only).
     freeze: freeze the tower's weights at build time (MoE layers added later stay trainable).
+    freeze_except: with freeze, the tower's parameters whose names match one of these patterns
+        (fnmatch, e.g. "*position_embedding*") still train: a frozen CLIP whose position
+        embedding adapts to say where each patch is, in weights any CLIP loader reads.
     moe: the tower's MoE blocks; written by MoE surgery (a recipe places them with
         `moe_placement.vision_tower`).
     """
@@ -72,6 +76,7 @@ class VisionTowerConfig(Config):
     feature_layer: int = -2
     feature_select: FeatureSelect = "patch"
     freeze: bool = True
+    freeze_except: list[str] = field(default_factory=list)
     moe: MoELayers | None = None
 
     def validate(self) -> None:
@@ -144,7 +149,8 @@ class VisionTower(nn.Module):
         self.apply_freeze()
 
     def apply_freeze(self) -> None:
-        """With config.freeze, stop gradients to the tower's dense weights (MoE layers placed in it train)."""
+        """With config.freeze, stop gradients to the tower's dense weights (MoE layers placed in it
+        train, and those named by config.freeze_except)."""
         if self.config.freeze:
             self._set_dense_trainable(False)
 
@@ -157,9 +163,20 @@ class VisionTower(nn.Module):
         from llava_smoe.moe import MoELayer
 
         moe_params = {id(p) for m in self.modules() if isinstance(m, MoELayer) for p in m.parameters()}
-        for p in self.parameters():
-            if id(p) not in moe_params:
+        patterns = self.config.freeze_except
+        kept = set()
+        for name, p in self.named_parameters():
+            if id(p) in moe_params:
+                continue
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+                kept.add(name)
+                p.requires_grad_(True)
+            else:
                 p.requires_grad_(trainable)
+        unmatched = [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern) for n in kept)]
+        if unmatched:
+            raise invalid("freeze_except", f"{unmatched[0]!r} matches none of the tower's parameters "
+                                           f"(e.g. {next(n for n, _ in self.named_parameters())!r})")
 
 
 def _block_index(feature_layer: int, num_blocks: int) -> int:
