@@ -16,12 +16,14 @@ def test_bench_moe_cli_writes_rows(tmp_path, capsys):
     assert main(["bench", "moe", "--out", str(out), *TINY]) == 0
     rows = json.loads(out.read_text())
     by_router = {r["router"]: r for r in rows}
-    expected = {"dense", "hf", "competesmoe-competition", "smoe-loop", *available_routers()}
+    expected = {"dense", "dense-fused", "hf", "competesmoe-competition", "smoe-loop", *available_routers()}
     assert set(by_router) == expected and len(rows) == len(expected)
     for r in rows:
         for key in ("ms", "ms_p25", "ms_p75", "ms_min", "ms_max", "ratio_to_dense", "ratio_to_hf"):
             assert r[key] > 0, (r["router"], key)
         assert r["ms_min"] <= r["ms"] <= r["ms_max"]
+        lo, hi = r["ratio_to_dense_ci95"]
+        assert lo <= r["ratio_to_dense_p25"] <= r["ratio_to_dense"] <= r["ratio_to_dense_p75"] <= hi
         assert (r["num_experts"], r["top_k"], r["hidden_size"], r["ffn_size"], r["tokens"]) == (4, 2, 32, 64, 64)
     assert by_router["dense"]["ratio_to_dense"] == pytest.approx(1.0)
     assert by_router["hf"]["ratio_to_hf"] == pytest.approx(1.0)
@@ -30,6 +32,16 @@ def test_bench_moe_cli_writes_rows(tmp_path, capsys):
     assert check["max_abs_diff_output"] < 1e-5 and check["max_abs_diff_input_grad"] < 1e-5
     printed = capsys.readouterr().out
     assert "| router |" in printed and "| competesmoe-competition |" in printed
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    from llava_smoe.bench.moe import median_interval
+
+    values = [float(v) for v in range(12)]
+    # n = 12: P(X <= 2) = 79/4096 = 0.019 <= 0.025 < P(X <= 3) = 299/4096, so the 3rd and 10th values.
+    assert median_interval(values) == (2.0, 9.0)
+    assert median_interval(values[:6]) == (0.0, 5.0)  # P(X <= 0) = 1/64 <= 0.025
+    assert median_interval(values[:5]) == (0.0, 4.0)  # the whole range: no narrower interval exists
 
 
 def test_hf_block_with_our_weights_matches_smoe_and_mismatch_is_caught():

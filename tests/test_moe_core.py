@@ -217,3 +217,17 @@ def test_statistics_survive_switching_between_inference_mode_and_training():
         m(torch.randn(5, D))
     m(torch.randn(3, D)).sum().backward()
     assert sum(routing_stats(m)[""]["tokens_per_expert"]) == (5 + 3) * 2
+
+
+def test_the_experts_swiglu_equals_autograds_to_the_bit():
+    from llava_smoe.moe.experts import silu_glu
+
+    h = torch.randn(33, 48, requires_grad=True)
+    g = torch.randn(33, 24)
+    (silu_glu(h) * g).sum().backward()
+    fused = h.grad.clone()
+    h.grad = None
+    gate, up = h.chunk(2, dim=-1)
+    (torch.nn.functional.silu(gate) * up * g).sum().backward()
+    assert torch.equal(fused, h.grad)
+    assert torch.autograd.gradcheck(silu_glu, (torch.randn(5, 8, dtype=torch.float64, requires_grad=True),))

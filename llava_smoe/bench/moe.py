@@ -15,6 +15,7 @@ of them; ratios are medians of per-round ratios.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from torch import nn
 
 from llava_smoe.config import Config
 
+from ..moe.experts import silu_glu
 from ..moe import (
     MoEConfig,
     MoELayer,
@@ -37,7 +39,8 @@ from ..pretrained import DTYPES as CHECKPOINT_DTYPES
 
 DTYPES = tuple(d for d in CHECKPOINT_DTYPES if d != "auto")
 HF_EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
-DENSE, HF, COMPETITION, LOOP = "dense", "hf", "competesmoe-competition", "smoe-loop"
+DENSE, DENSE_FUSED, HF = "dense", "dense-fused", "hf"
+COMPETITION, LOOP = "competesmoe-competition", "smoe-loop"
 
 
 @dataclass
@@ -94,15 +97,20 @@ class MoEBenchConfig(Config):
 
 
 class DenseSwiGLU(nn.Module):
-    """The dense FFN an MoE with top-k of width-F experts is compared with: width k * F."""
+    """The dense FFN an MoE with top-k of width-F experts is compared with: width k * F, gate and
+    up in one matmul, written as transformers' FFNs are (`fused=True`: the experts' SwiGLU)."""
 
-    def __init__(self, hidden_size: int, ffn_size: int) -> None:
+    def __init__(self, hidden_size: int, ffn_size: int, fused: bool = False) -> None:
         super().__init__()
         self.gate_up = nn.Linear(hidden_size, 2 * ffn_size, bias=False)
         self.down = nn.Linear(ffn_size, hidden_size, bias=False)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        h = self.gate_up(x)
+        if self.fused:
+            return self.down(silu_glu(h))
+        gate, up = h.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
@@ -181,6 +189,8 @@ def build_variants(cfg: MoEBenchConfig) -> tuple[list[Variant], MoELayer]:
     smoe = MoELayer(MoEConfig(num_experts=E, top_k=K, router="smoe"), D, Fd).to(device)
     variants = [
         Variant(DENSE, f"dense SwiGLU FFN, width k*F = {K * Fd}", DenseSwiGLU(D, K * Fd).to(device)),
+        Variant(DENSE_FUSED, f"the same with the experts' SwiGLU (no gradient concatenation)",
+                DenseSwiGLU(D, K * Fd, fused=True).to(device)),
         Variant(HF, f"transformers Qwen3MoeSparseMoeBlock, experts_implementation={cfg.hf_experts}",
                 build_hf_block(smoe, cfg.hf_experts)),
     ]
@@ -225,8 +235,22 @@ def time_interleaved(
     return times
 
 
-def _ratio(num: list[float], den: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(num, den))
+def _ratios(num: list[float], den: list[float]) -> list[float]:
+    return sorted(a / b for a, b in zip(num, den))
+
+
+def median_interval(sorted_values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval for the median: the order statistics j and n-1-j (0-based),
+    with j the largest count whose binomial(n, 1/2) tail P(X <= j) is within (1 - confidence) / 2
+    (the whole range when even that is not: n < 6 at 95%)."""
+    n = len(sorted_values)
+    tail, j, cumulative = (1 - confidence) / 2, 0, 0.0
+    for i in range(n // 2):
+        cumulative += math.comb(n, i) / 2**n
+        if cumulative > tail:
+            break
+        j = i
+    return sorted_values[j], sorted_values[n - 1 - j]
 
 
 def _quartiles(v: list[float]) -> tuple[float, float]:
@@ -281,6 +305,7 @@ def run_moe_bench(cfg: MoEBenchConfig) -> list[dict]:
     for v in variants:
         t = times[v.name]
         p25, p75 = _quartiles(t)
+        to_dense = _ratios(t, times[DENSE])  # per round: a slow moment slows both alike
         row = {
             "router": v.name,
             "description": v.description,
@@ -289,8 +314,11 @@ def run_moe_bench(cfg: MoEBenchConfig) -> list[dict]:
             "ms_p75": 1e3 * p75,
             "ms_min": 1e3 * min(t),
             "ms_max": 1e3 * max(t),
-            "ratio_to_dense": _ratio(t, times[DENSE]),
-            "ratio_to_hf": _ratio(t, times[HF]),
+            "ratio_to_dense": statistics.median(to_dense),
+            "ratio_to_dense_p25": _quartiles(to_dense)[0],
+            "ratio_to_dense_p75": _quartiles(to_dense)[1],
+            "ratio_to_dense_ci95": list(median_interval(to_dense)),
+            "ratio_to_hf": statistics.median(_ratios(t, times[HF])),
             **setup,
         }
         if v.name == HF:
@@ -301,13 +329,14 @@ def run_moe_bench(cfg: MoEBenchConfig) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| router | ms (median) | ms (p25-p75) | ms (min-max) | x dense | x hf |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| router | ms (median) | ms (p25-p75) | x dense (median of rounds) | x dense (p25-p75) | x dense (95% CI) | x hf |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        lo, hi = r["ratio_to_dense_ci95"]
         lines.append(
-            f"| {r['router']} | {r['ms']:.1f} | {r['ms_p25']:.1f}-{r['ms_p75']:.1f} | {r['ms_min']:.1f}-{r['ms_max']:.1f} "
-            f"| {r['ratio_to_dense']:.2f} | {r['ratio_to_hf']:.2f} |"
+            f"| {r['router']} | {r['ms']:.1f} | {r['ms_p25']:.1f}-{r['ms_p75']:.1f} | {r['ratio_to_dense']:.3f} "
+            f"| {r['ratio_to_dense_p25']:.3f}-{r['ratio_to_dense_p75']:.3f} | {lo:.3f}-{hi:.3f} | {r['ratio_to_hf']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ import torch
 
 from llava_smoe.config import Config
 
-from .moe import _ratio, time_interleaved
+from .moe import _ratios, time_interleaved
 
 
 def _rows(times: dict[str, list[float]], baseline: str, unit_count: int, unit: str, setup: dict) -> list[dict]:
@@ -27,7 +27,7 @@ def _rows(times: dict[str, list[float]], baseline: str, unit_count: int, unit: s
     for name, ts in times.items():
         rows.append({"variant": name, f"ms_per_{unit}": 1e3 * statistics.median(ts) / unit_count,
                      "ms_min": 1e3 * min(ts) / unit_count, "ms_max": 1e3 * max(ts) / unit_count,
-                     "ratio_to_baseline": _ratio(ts, times[baseline]), "baseline": baseline,
+                     "ratio_to_baseline": statistics.median(_ratios(ts, times[baseline])), "baseline": baseline,
                      "threads": torch.get_num_threads(), "torch": torch.__version__, **setup})
     return rows
 

@@ -43,6 +43,32 @@ def activation_fn(name: str):
         raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}") from None
 
 
+class _SiLUGLU(torch.autograd.Function):
+    """`silu(gate) * up` of `h = [gate | up]`, whose backward writes both halves of one gradient
+    buffer: autograd's `chunk` would allocate the two and concatenate them (a copy of [P, 2F])."""
+
+    @staticmethod
+    def forward(ctx, h_P2F: torch.Tensor) -> torch.Tensor:
+        gate_PF, up_PF = h_P2F.chunk(2, dim=-1)
+        silu_PF = F.silu(gate_PF)
+        ctx.save_for_backward(gate_PF, up_PF, silu_PF)
+        return silu_PF * up_PF
+
+    @staticmethod
+    def backward(ctx, grad_PF: torch.Tensor) -> torch.Tensor:
+        gate_PF, up_PF, silu_PF = ctx.saved_tensors
+        grad_P2F = grad_PF.new_empty(*grad_PF.shape[:-1], 2 * grad_PF.shape[-1])
+        grad_gate_PF, grad_up_PF = grad_P2F.chunk(2, dim=-1)
+        torch.mul(grad_PF, silu_PF, out=grad_up_PF)
+        torch.ops.aten.silu_backward.grad_input(grad_PF * up_PF, gate_PF, grad_input=grad_gate_PF)
+        return grad_P2F
+
+
+def silu_glu(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's hidden transform on gate and up fused in one tensor (last dim: gate, then up)."""
+    return _SiLUGLU.apply(h)
+
+
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     # grouped_mm's CPU backward rejects stride-0 gradients (e.g. from `.sum()`).
     if t.requires_grad:
@@ -109,6 +135,8 @@ class GroupedExperts(nn.Module):
 
     # -- the hidden transform between the two matmuls -------------------------------------------
     def _hidden(self, h: torch.Tensor) -> torch.Tensor:
+        if self.ffn_kind == "swiglu" and self.act is F.silu:
+            return silu_glu(h)
         if self.ffn_kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             return self.act(gate) * up
