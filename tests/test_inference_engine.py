@@ -165,11 +165,21 @@ def test_close_cancels_what_is_queued_and_running(checkpoint):
         engine.submit([Turn("user", "hi")])
 
 
-def test_ignore_eos_runs_to_the_length_asked(engine):
+def test_ignore_eos_runs_to_the_length_asked(checkpoint):
+    from llava_smoe import load_pretrained
+
+    model, processor = load_pretrained(checkpoint)
     turn = Turn("user", "hi")
-    natural = engine.generate([turn], greedy(60))
-    assert natural.finish_reason == "stop" and natural.completion_tokens < 60  # this prompt ends early
-    forced = engine.generate([turn], greedy(60, ignore_eos=True))
+    with Engine(EngineConfig(checkpoint, device="cpu"), model=model, processor=processor) as engine:
+        # An untrained model rarely ends a reply: give the end-of-turn token twice the head row of
+        # the reply's 5th token, so a greedy reply stops by then.
+        fifth = engine.generate([turn], greedy(5, ignore_eos=True)).token_ids[4]
+        head = model.get_output_embeddings().weight
+        with torch.no_grad():
+            head[min(processor.stop_token_ids)] = 2 * head[fifth]
+        natural = engine.generate([turn], greedy(60))
+        assert natural.finish_reason == "stop" and natural.completion_tokens <= 5
+        forced = engine.generate([turn], greedy(60, ignore_eos=True))
     assert forced.finish_reason == "length" and forced.completion_tokens == 60
     assert forced.token_ids[:natural.completion_tokens] == natural.token_ids
 

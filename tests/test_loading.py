@@ -38,7 +38,8 @@ def _v1_architecture(processor):
 
 
 def test_format_1_checkpoint_loads_converted(tmp_path):
-    processor = tiny_processor("chatml", image_mode="center_crop")
+    # Format 1 checkpoints predate tokenizers trained with the templates' role words (394 tokens).
+    processor = tiny_processor("chatml", image_mode="center_crop", with_template_text=False)
     model = _v1_architecture(processor)
     # The tensors format 1 wrote are exactly those of today's model.
     written = set(FIXTURE.joinpath("weights.txt").read_text().splitlines())

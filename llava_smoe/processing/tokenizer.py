@@ -63,9 +63,11 @@ def train_bpe_tokenizer(
     extra_special_tokens: Iterable[str] = (),
     chat_template: str | None = CHATML_JINJA,
     min_frequency: int = 2,
+    with_template_text: bool = True,
 ) -> Any:
-    """Train a byte-level BPE on `texts` (and the chat templates' role words, as many times as
-    there are texts) and wrap it as a transformers fast tokenizer.
+    """Train a byte-level BPE on `texts` (and, unless `with_template_text` is false, the chat
+    templates' role words, as many times as there are texts) and wrap it as a transformers fast
+    tokenizer.
 
     Special tokens: `<pad>` (0), `<s>` (1), `</s>` (2), the image token, the built-in templates'
     control tokens and `extra_special_tokens`. The result round-trips through
@@ -92,7 +94,7 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_with_template_text(texts), trainer)
+    backend.train_from_iterator(_with_template_text(texts) if with_template_text else texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,

@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="study spec (YAML): recipe, variants, seeds, primary metric, baseline")
     parser.add_argument("--out", help="study folder (default: playground/studies/<name>)")
     parser.add_argument("--workers", type=int, default=1, help="cells run at once; each gets cores / workers threads")
+    parser.add_argument("--threads", type=int, help="threads per cell (default: cores / workers), to leave cores free")
     parser.add_argument("--allow-mixed", action="store_true",
                         help="go on although recorded cells differ in code, settings, packages or device")
     parser.add_argument("--report-only", action="store_true", help="run nothing; report the finished cells")
@@ -31,8 +32,11 @@ def run(args: argparse.Namespace) -> int:
     spec, spec_dir = load_spec(args.spec)
     if args.workers < 1:
         raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     out = Path(args.out or f"playground/studies/{spec.name}").resolve()
-    study = Study(spec, spec_dir, out, workers=args.workers, allow_mixed=args.allow_mixed,
+    study = Study(spec, spec_dir, out, workers=args.workers, threads=args.threads,
+                  allow_mixed=args.allow_mixed,
                   log=lambda line: print(f"==> {line}", flush=True))
     if args.dry_run:
         for cell in study.cells:

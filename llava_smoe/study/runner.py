@@ -123,14 +123,15 @@ def differences(recorded: dict[str, Any], now: dict[str, Any], prefix: str = "")
 # -- the study ----------------------------------------------------------------------------------------
 class Study:
     def __init__(self, spec: StudySpec, spec_dir: Path, out: Path, *, workers: int = 1,
-                 allow_mixed: bool = False, log=print):
+                 threads: int | None = None, allow_mixed: bool = False, log=print):
         self.spec, self.spec_dir, self.out = spec, spec_dir, out
         self.workers = workers
-        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.allow_mixed = allow_mixed
         self.log = log
         self._lock = threading.Lock()
-        self.cells = [Cell(v, s, out / "cells" / v / f"s{s}") for v in spec.variants for s in spec.seeds]
+        # Seed-major: a study stopped part way has every variant at the same seeds.
+        self.cells = [Cell(v, s, out / "cells" / v / f"s{s}") for s in spec.seeds for v in spec.variants]
 
     # -- commands ----------------------------------------------------------------------------------
     def _placeholders(self, seed: int, cell: Path | None = None) -> dict[str, str]:

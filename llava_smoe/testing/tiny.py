@@ -91,8 +91,9 @@ def tiny_model_config(vision: str = "clip", family: str = "qwen2", vocab_size: i
     return cfg
 
 
-def tiny_processor(template: str = "chatml", image_mode: str = "pad"):
-    """A processor over a BPE trained on CORPUS, for 32 px images of 16 tokens."""
+def tiny_processor(template: str = "chatml", image_mode: str = "pad", *, with_template_text: bool = True):
+    """A processor over a BPE trained on CORPUS, for 32 px images of 16 tokens. Without template
+    text the BPE splits role words ("assistant") into pieces, as third-party tokenizers may."""
     from llava_smoe.processing import (
         ImageProcessingConfig,
         LlavaSmoeProcessor,
@@ -100,7 +101,8 @@ def tiny_processor(template: str = "chatml", image_mode: str = "pad"):
         train_bpe_tokenizer,
     )
 
-    tokenizer = train_bpe_tokenizer(CORPUS * 20, vocab_size=400, min_frequency=1)
+    tokenizer = train_bpe_tokenizer(CORPUS * 20, vocab_size=400, min_frequency=1,
+                                    with_template_text=with_template_text)
     return LlavaSmoeProcessor(tokenizer, ProcessorConfig(
         template=template, num_image_tokens=16, image=ImageProcessingConfig(image_size=32, mode=image_mode)))
 
