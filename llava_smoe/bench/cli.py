@@ -1,5 +1,6 @@
-"""`llava-smoe bench moe|data|adamw`: time one MoE layer per router against dense and transformers
-baselines; batches with and without the sample cache; fused AdamW against the per-tensor loop."""
+"""`llava-smoe bench moe|data|adamw|memory`: time one MoE layer per router against dense and
+transformers baselines; batches with and without the sample cache; fused AdamW against the
+per-tensor loop; the planner's memory figures against measured peaks of CPU training steps."""
 
 from __future__ import annotations
 
@@ -50,14 +51,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adamw.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs both variants)")
     adamw.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
+    memory = sub.add_parser("memory", help="llava-smoe plan's memory figures vs measured peaks of CPU training steps")
+    memory.add_argument("--out", required=True, help="JSON file for the result rows")
+    memory.add_argument("--cases", default=None,
+                        help="comma-separated cases (default: all, and zero3 unless --no-zero3)")
+    memory.add_argument("--no-zero3", action="store_true", help="skip the 2-process ZeRO-3 dry run (~2 min)")
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.bench_command == "moe":
         return _run_moe(args)
+    if args.bench_command == "memory":
+        return _run_memory(args)
     from llava_smoe.bench import training
 
     if args.bench_command == "data":
@@ -100,5 +109,34 @@ def _run_moe(args: argparse.Namespace) -> int:
         f"transformers {r0['transformers']}, {r0['repeats']} interleaved rounds"
     )
     print(markdown_table(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _run_memory(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from llava_smoe.bench import memory
+    from llava_smoe.config import ConfigError
+
+    names = [n.strip() for n in args.cases.split(",")] if args.cases else [c.name for c in memory.CASES] + ["zero3"]
+    known = [c.name for c in memory.CASES] + ["zero3"]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--cases: unknown {unknown}; known: {known}")
+    rows = []
+    for case in memory.CASES:
+        if case.name in names:
+            rows.append(memory.finish_row(memory.run_case(case)))
+            print(f"{case.name}: done", flush=True)
+    zero3 = []
+    if "zero3" in names and not args.no_zero3:
+        with tempfile.TemporaryDirectory() as work:
+            zero3 = [memory.finish_zero3_row(r) for r in memory.run_zero3_case(work)["rows"]]
+    _write(rows + zero3, args.out)
+    if rows:
+        print(memory.markdown_table(rows))
+    if zero3:
+        print(memory.zero3_table(zero3))
     print(f"wrote {args.out}")
     return 0

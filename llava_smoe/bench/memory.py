@@ -90,9 +90,6 @@ CASES = [
     MemoryCase("layers-experts-only", vocab_size=4096, lm_layers=6, seq_len=1600, router="competesmoe",
                competition=True, train="experts"),
 ]
-ZERO3_CASE = "zero3"
-
-
 def _status(key: str) -> int:
     match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
     return int(match.group(1)) * 1024
@@ -189,5 +186,113 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DRYRUN_RECIPE = "train/dryrun/clip336-qwen05-competesmoe-zero3.yaml"
+BASELINE = """
+import sys, torch.distributed as dist
+import deepspeed, transformers
+from llava_smoe.training import trainer
+from llava_smoe.tasks import vlm
+from llava_smoe.model import modeling
+dist.init_process_group("gloo")
+print(int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024)
+dist.destroy_process_group()
+"""
+
+
+def _record_peaks(out_dir: str) -> None:
+    """In a rank of the trainer: write the peak resident set after each optimizer step."""
+    from llava_smoe.training import trainer
+
+    real = trainer.moe_optimizer_step
+    peaks: list[int] = []
+    rank = os.environ.get("RANK", "0")
+
+    def step_and_record(model, step):
+        real(model, step)
+        peaks.append(_status("VmHWM"))
+        Path(out_dir, f"peaks-rank-{rank}.json").write_text(json.dumps(peaks))
+
+    trainer.moe_optimizer_step = step_and_record
+
+
+def _torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    from llava_smoe.training.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), cwd=Path(__file__).resolve().parents[2])
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _trained_lengths(data_dir: Path, steps: int, world: int) -> dict[int, int]:
+    """The longest sequence each rank trains in `steps` steps of micro-batch 1 (the sampler's order)."""
+    from transformers import AutoTokenizer
+
+    from llava_smoe.data.dataset import DataConfig, LlavaDataset
+    from llava_smoe.processing import ImageProcessingConfig, LlavaSmoeProcessor, ProcessorConfig
+    from llava_smoe.training.data import ResumableSampler
+
+    processor = LlavaSmoeProcessor(AutoTokenizer.from_pretrained(data_dir / "tokenizer"), ProcessorConfig(
+        template="chatml", num_image_tokens=IMAGE_TOKENS, image=ImageProcessingConfig(image_size=336)))
+    dataset = LlavaDataset(DataConfig(str(data_dir / "train.json"), str(data_dir / "images")), processor)
+    return {rank: max(len(dataset[i]["input_ids"])
+                      for i in ResumableSampler(len(dataset), seed=0, rank=rank, world_size=world).order(0)[:steps])
+            for rank in range(world)}
+
+
+def run_zero3_case(work_dir: str, steps: int = 2) -> dict:
+    """The dry-run recipe (real widths, ZeRO-3, bf16) on 2 gloo processes: each rank's peak
+    resident set during training, less a process that imported the same modules, against the
+    plan's ZeRO-3 model states plus the activations of that rank's longest sequence."""
+    from llava_smoe.data.mix665k import Mix665kConfig, generate_mix665k
+    from llava_smoe.plan import plan_recipe
+
+    work = Path(work_dir)
+    data = work / "data"
+    generate_mix665k(Mix665kConfig(num_records=16, max_words=200), str(data))
+    overrides = [f"vlm.data={data / 'train.json'}", f"vlm.image_folder={data / 'images'}",
+                 f"vlm.tokenizer={data / 'tokenizer'}", f"train.output_dir={work / 'run'}", f"train.max_steps={steps}",
+                 "train.save_every=0"]
+    root = Path(__file__).resolve().parents[2]
+    _torchrun(["-m", "llava_smoe.bench.memory", "--zero3-rank", str(work), str(root / DRYRUN_RECIPE), *overrides], 2)
+    baseline_script = work / "baseline.py"
+    baseline_script.write_text(BASELINE)
+    baseline = max(int(line) for line in _torchrun([str(baseline_script)], 2).stdout.split() if line.isdigit())
+    lengths = _trained_lengths(data, steps, 2)
+    rows = []
+    for rank, seq in lengths.items():
+        plan = plan_recipe(root / DRYRUN_RECIPE, overrides, gpus=2, gpu_memory_gb=1024, seq_len=seq)
+        fit = next(r for r in plan["fit"] if r["stage"] == "zero3" and not r["checkpointing"])
+        peak = max(json.loads((work / f"peaks-rank-{rank}.json").read_text()))
+        rows.append({"case": f"zero3-rank{rank}", "parameters": plan["parameters"]["total"],
+                     "trainable": plan["parameters"]["trainable"], "seq_len": seq,
+                     "planned_states": fit["model_states_bytes"], "planned_activations": fit["activation_bytes"],
+                     "measured_peak": peak - baseline, "process_baseline": baseline})
+    return {"rows": rows}
+
+
+def finish_zero3_row(row: dict) -> dict:
+    row["total_ratio"] = (row["planned_states"] + row["planned_activations"]) / row["measured_peak"]
+    return row
+
+
+def zero3_table(rows: list[dict]) -> str:
+    gib = float(1 << 30)
+    lines = ["| rank | longest sequence | plan: states + activations (GiB) | measured peak - baseline (GiB) | plan / measured |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['seq_len']} | {r['planned_states'] / gib:.2f} + {r['planned_activations'] / gib:.2f}"
+                     f" | {r['measured_peak'] / gib:.2f} | {r['total_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--zero3-rank":  # a rank of the trainer under torchrun
+        from llava_smoe.training.recipe import load_recipe
+        from llava_smoe.training.trainer import train
+
+        _record_peaks(sys.argv[2])
+        sys.exit(0 if train(load_recipe(sys.argv[3], sys.argv[4:])).status == "completed" else 1)
     print(json.dumps(measure(parse(MemoryCase, json.loads(sys.argv[1])))))

@@ -78,8 +78,8 @@ WORDS = (
 class Mix665kConfig(Config):
     """num_records: records to write, drawn from the sources in their 665K proportions.
     num_images: noise images they share (the processor resizes them to the tower's size).
-    max_words: cut each record to whole turns within this many words (its first turn's answer
-        shortened if it alone is longer), as truncation to a max_length would; None keeps all."""
+    max_words: cut each record to whole turns within this many words (its first turn shortened
+        if it alone is longer), as truncation to a max_length would; None keeps all."""
 
     num_records: int = 1000
     num_images: int = 16
@@ -130,7 +130,10 @@ def make_record(rng: random.Random, source: Source, index: int, image: str | Non
             room = max_words - words - len(question.split())
             if turns and room < len(answer.split()):
                 break  # whole turns only
-            answer = " ".join(answer.split()[: max(room, 1)])
+            if room < 1:  # a first question longer than the budget (a long chat's): cut it
+                question = " ".join(question.split(" ")[: max_words - 1])
+                room = 1
+            answer = " ".join(answer.split()[:room])
         words += len(question.split()) + len(answer.split())
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     record = {"id": f"{source.name}-{index}", "conversations": turns}

@@ -321,19 +321,26 @@ def model_states(params: int, trainable: int, gpus: int, stage: str, sb: StateBy
 
 # -- activations -------------------------------------------------------------------------------------------
 def moe_saved_per_token(m: MoEShape, b: int, competing: bool) -> float:
-    """Bytes an MoE layer keeps per token for the backward."""
+    """Bytes an MoE layer keeps per token for the backward, beyond its input (see `moe_keeps_input`)."""
     D, F, E, K = m.hidden_size, m.ffn_size, m.num_experts, m.top_k
     inner = 4 * F if m.kind == "swiglu" else 2 * F  # hidden [2F] (or [F]), activation and product [F]
-    router = (4 * D if m.router_params else 0) + 8 * E  # the fp32 input of the router matmul; probabilities
+    router = (4 * D if m.router_params and b < 4 else 0) + 8 * E  # an fp32 copy of the input; probabilities
     shared = m.shared * b * ((D if m.trainable else 0) + inner)
     if competing:
         # Every expert on every token: [T, E, 2F] hidden, [T, E, F] activation and product, and the
-        # [T, E, D] outputs in fp32 for the neural response; then the k chosen outputs and the
-        # diversity loss's fp32 unit vectors.
-        inputs = b * D if m.trainable else 0  # the expanded input, saved by the first batched matmul
-        return inputs + b * E * inner + 4 * E * D + b * K * D + 4 * K * D * (3 if b < 4 else 2) + router + shared
+        # [T, E, D] outputs (in fp32 for the neural response, and under bf16 also as they are, for
+        # the gather of the chosen ones); then the k chosen outputs and the diversity loss's fp32
+        # unit vectors (and an fp32 copy of the chosen outputs under bf16).
+        outputs = 4 * E * D + (b * E * D if b < 4 else 0)
+        return b * E * inner + outputs + b * K * D + 4 * K * D * (2 if b < 4 else 1) + router + shared
     inputs = b * K * D if m.trainable else 0  # the k gathered copies, saved by the first grouped matmul
     return inputs + b * K * inner + b * K * D + router + shared  # + the outputs, for the weighted sum
+
+
+def moe_keeps_input(m: MoEShape, b: int, competing: bool) -> bool:
+    """Whether the layer's input itself is saved: by the router's matmul in fp32, by the
+    competition's first batched matmul (every expert reads it in place)."""
+    return (b == 4 and m.router_params > 0) or (competing and m.trainable)
 
 
 def lm_layer_saved_per_token(lm: LMShape, layer: LMLayerShape, b: int, on_path: bool, competing: bool) -> float:
@@ -358,7 +365,7 @@ def lm_layer_saved_per_token(lm: LMShape, layer: LMLayerShape, b: int, on_path: 
     if layer.moe is None:
         mlp = norm(layer.mlp_trainable) + b * 3 * F + (b * F if layer.mlp_trainable else 0)
     else:
-        mlp = norm(False) + moe_saved_per_token(layer.moe, b, competing)
+        mlp = norm(moe_keeps_input(layer.moe, b, competing)) + moe_saved_per_token(layer.moe, b, competing)
     return attn + mlp
 
 
@@ -377,7 +384,7 @@ def tower_saved_per_position(v: VisionShape, b: int, block: int) -> float:
     dense = b * (8 * D) + 4 * 2  # two LayerNorms (input, output), q k v, output, o_proj input
     moe = v.moe.get(block)
     if moe is not None:
-        return dense + moe_saved_per_token(moe, b, False)
+        return dense + moe_saved_per_token(moe, b, False) + (b * D if moe_keeps_input(moe, b, False) else 0)
     act_saves = 2 if v.activation in ("quick_gelu",) else 1
     return dense + b * F * (act_saves + 1)
 
