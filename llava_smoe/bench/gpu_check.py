@@ -205,7 +205,6 @@ def train_section(model, device: torch.device, batch: int, seq: int, steps: int,
            "parameters": plan["parameters"]["total"], "trainable": plan["parameters"]["trainable"]}
     if device.type == "cuda":
         row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del optimizer
     model.zero_grad(set_to_none=True)
     return row
 
