@@ -17,8 +17,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("llava_smoe.quickstart", "the whole pipeline on the built-in synthetic task: data, every tiny stage, evaluation"),
     "bench": ("llava_smoe.bench.cli", "benchmark MoE layers, the sample cache and fused AdamW against their baselines"),
+    "plan": ("llava_smoe.plan.cli", "memory per GPU (no ZeRO, ZeRO-2, ZeRO-3), activations and FLOPs of a recipe, without weights"),
     "train": ("llava_smoe.training.cli", "train from a YAML recipe with dotted overrides (torch or DeepSpeed back end)"),
-    "data": ("llava_smoe.data.cli", "generate the synthetic shapes-world dataset; check a LLaVA dataset"),
+    "data": ("llava_smoe.data.cli", "generate the synthetic shapes world or a 665K-shaped dataset; check a LLaVA dataset"),
     "eval": ("llava_smoe.evaluation.eval_cli", "evaluate checkpoints with lmms-eval (benchmarks and local tasks), side by side"),
     "inspect": ("llava_smoe.evaluation.inspect_cli", "routing analysis: expert load by modality, entropy, dead experts, competition agreement"),
     "study": ("llava_smoe.study.cli", "compare routers over seeds: run a study's cells, then intervals and paired tests"),

@@ -1,7 +1,8 @@
-"""`llava-smoe bench moe|data|adamw|step|baseline|serve`: time one MoE layer per router against
-dense and transformers baselines; batches with and without the sample cache; fused AdamW against
-the per-tensor loop; a stage's training step, broken down, for variants of its recipe; a CNN
-classifier as the anchor a tiny VLM should beat; serving with continuous against static batching."""
+"""`llava-smoe bench moe|data|adamw|step|baseline|serve|memory`: time one MoE layer per router
+against dense and transformers baselines; batches with and without the sample cache; fused AdamW
+against the per-tensor loop; a stage's training step, broken down, for variants of its recipe; a
+CNN classifier as the anchor a tiny VLM should beat; serving with continuous against static
+batching; the planner's memory figures against measured peaks of CPU training steps."""
 
 from __future__ import annotations
 
@@ -90,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--threads", type=int, default=1, help="torch threads of each server (default: 1)")
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--seed", type=int, default=0, help="seed of the workload (arrivals, prompts, reply lengths)")
+    memory = sub.add_parser("memory", help="llava-smoe plan's memory figures vs measured peaks of CPU training steps")
+    memory.add_argument("--out", required=True, help="JSON file for the result rows")
+    memory.add_argument("--cases", default=None,
+                        help="comma-separated cases (default: all, and zero3 unless --no-zero3)")
+    memory.add_argument("--no-zero3", action="store_true", help="skip the 2-process ZeRO-3 dry run (~2 min)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_serve(args)
     import torch
 
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.bench_command == "moe":
         return _run_moe(args)
@@ -105,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_step(args)
     if args.bench_command == "baseline":
         return _run_baseline(args)
+    if args.bench_command == "memory":
+        return _run_memory(args)
     from llava_smoe.bench import training
 
     if args.bench_command == "data":
@@ -208,5 +216,34 @@ def _run_serve(args: argparse.Namespace) -> int:
     print(f"{r0['streams']} streams arriving at {r0['arrival_rate']}/s, max batch {r0['max_batch_size']}, "
           f"{r0['threads']} thread(s) on {r0['device']}, torch {r0['torch']}, {r0['rounds']} interleaved rounds")
     print(markdown_table(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _run_memory(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from llava_smoe.bench import memory
+    from llava_smoe.config import ConfigError
+
+    names = [n.strip() for n in args.cases.split(",")] if args.cases else [c.name for c in memory.CASES] + ["zero3"]
+    known = [c.name for c in memory.CASES] + ["zero3"]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--cases: unknown {unknown}; known: {known}")
+    rows = []
+    for case in memory.CASES:
+        if case.name in names:
+            rows.append(memory.finish_row(memory.run_case(case)))
+            print(f"{case.name}: done", flush=True)
+    zero3 = []
+    if "zero3" in names and not args.no_zero3:
+        with tempfile.TemporaryDirectory() as work:
+            zero3 = [memory.finish_zero3_row(r) for r in memory.run_zero3_case(work)["rows"]]
+    _write(rows + zero3, args.out)
+    if rows:
+        print(memory.markdown_table(rows))
+    if zero3:
+        print(memory.zero3_table(zero3))
     print(f"wrote {args.out}")
     return 0

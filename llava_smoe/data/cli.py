@@ -1,4 +1,4 @@
-"""`llava-smoe data`: generate the shapes world, or check a LLaVA dataset against a processor."""
+"""`llava-smoe data`: generate the shapes world or a dataset shaped like LLaVA-1.5's 665K mix; check a LLaVA dataset against a processor."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     world.add_argument("--num-train", type=int, default=3000, help="training images (one question each)")
     world.add_argument("--num-val", type=int, default=200)
     world.add_argument("--num-test", type=int, default=500)
+    mix = sub.add_parser("mix665k", help="write a synthetic dataset shaped like LLaVA-1.5's 665K mix (random words, "
+                                         "noise images, real lengths) and its tokenizer")
+    mix.add_argument("--out", required=True, help="output folder, e.g. playground/data/mix665k_synth")
+    mix.add_argument("--num-records", type=int, default=1000)
+    mix.add_argument("--num-images", type=int, default=16)
+    mix.add_argument("--seed", type=int, default=0)
+    mix.add_argument("--vocab-size", type=int, default=2048)
+    mix.add_argument("--max-words", type=int, default=None, help="cut records to whole turns within this many words")
 
     check = sub.add_parser("check", help="build every sample once and report bad ones")
     check.add_argument("--data", required=True, help="LLaVA .json or .jsonl file")
@@ -81,6 +89,15 @@ def run(args: argparse.Namespace) -> int:
         manifest = generate_world(WorldConfig(world=args.name, seed=args.seed, num_train=args.num_train,
                                               num_val=args.num_val, num_test=args.num_test), args.out)
         print(json.dumps(manifest["counts"], indent=1))
+        return 0
+
+    if args.data_command == "mix665k":
+        from llava_smoe.data.mix665k import Mix665kConfig, generate_mix665k
+
+        manifest = generate_mix665k(Mix665kConfig(num_records=args.num_records, num_images=args.num_images,
+                                                  seed=args.seed, vocab_size=args.vocab_size,
+                                                  max_words=args.max_words), args.out)
+        print(json.dumps({k: manifest[k] for k in ("records", "by_source", "text_only", "words_per_record")}, indent=1))
         return 0
 
     from llava_smoe.data.dataset import DataConfig, LlavaDataset

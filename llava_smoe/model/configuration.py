@@ -50,17 +50,41 @@ class MoEPlacement(Config):
 @dataclass
 class LanguageModelSpec(Config):
     """Exactly one of: name_or_path (a local folder or hub id, dense or an MoE LM trained by the
-    `lm` task) or config (a transformers config dict with `model_type`; random weights)."""
+    `lm` task), architecture (a published architecture of `llava_smoe.model.architectures`, e.g.
+    qwen2.5-0.5b-instruct; random weights) or config (a transformers config dict with
+    `model_type`; random weights). With `architecture`, `config` holds only the keys that replace
+    the architecture's (e.g. num_hidden_layers: 4)."""
 
     name_or_path: str | None = None
+    architecture: str | None = None
     config: dict[str, Any] | None = None
 
     def validate(self) -> None:
-        if (self.name_or_path is None) == (self.config is None):
-            raise invalid("name_or_path", "give exactly one of name_or_path (a folder or hub id) or config "
-                                          "(a transformers config dict with 'model_type')")
-        if self.config is not None and "model_type" not in self.config:
+        given = [n for n in ("name_or_path", "architecture") if getattr(self, n) is not None]
+        if self.config is not None and self.architecture is None:
+            given.append("config")
+        if len(given) != 1:
+            raise invalid(given[-1] if given else "name_or_path",
+                          "give exactly one of name_or_path (a folder or hub id), architecture (a published "
+                          "architecture) or config (a transformers config dict with 'model_type'); "
+                          f"got {given or 'none'}")
+        if self.architecture is not None:
+            from .architectures import get_architecture
+
+            try:
+                get_architecture(self.architecture, "language_model")
+            except ValueError as exc:
+                raise invalid("architecture", str(exc)) from None
+        elif self.config is not None and "model_type" not in self.config:
             raise invalid("config", "needs 'model_type' (e.g. 'qwen2', 'llama', 'phi3')")
+
+    def resolved_config(self) -> dict[str, Any] | None:
+        """The config dict this builds from with random weights (None for name_or_path)."""
+        if self.architecture is not None:
+            from .architectures import get_architecture
+
+            return get_architecture(self.architecture, "language_model").resolved(self.config)
+        return self.config
 
 
 @dataclass

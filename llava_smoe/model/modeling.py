@@ -239,7 +239,7 @@ def build_model(config: VLMConfig | dict) -> LlavaSmoeForConditionalGeneration:
     if spec.name_or_path is not None:
         lm = load_language_model(spec.name_or_path, attn_implementation=attn, dtype=dtype)
     else:
-        lm = build_language_model(spec.config, attn_implementation=attn, dtype=dtype)
+        lm = build_language_model(spec.resolved_config(), attn_implementation=attn, dtype=dtype)
     if cfg.vocab_size is not None and cfg.vocab_size != lm.config.vocab_size:
         lm.resize_token_embeddings(cfg.vocab_size)
     projector = cfg.projector

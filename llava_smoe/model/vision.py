@@ -53,7 +53,10 @@ class VisionTowerConfig(Config):
     backend: "hf" (transformers CLIPVisionModel / SiglipVisionModel) or "open_clip".
     name_or_path: HF local folder or hub id; open_clip model name (built-in or registered).
     pretrained: open_clip only: a local checkpoint file for the weights.
-    hf_config: HF only: a vision config dict (with "model_type"); builds without weights.
+    hf_config: HF only: a vision config dict (with "model_type"); builds without weights. With
+        `architecture`, only the keys that replace the architecture's (e.g. num_hidden_layers).
+    architecture: HF only: a published architecture of `llava_smoe.model.architectures`
+        (e.g. clip-vit-large-patch14-336); real shapes, random weights, no download.
     open_clip_model_config: open_clip only: the model dict ({"embed_dim", "vision_cfg",
         "text_cfg"}); builds without consulting open_clip's registry.
     open_clip_model_config_path: open_clip only: a JSON file holding that dict.
@@ -71,6 +74,7 @@ class VisionTowerConfig(Config):
     name_or_path: str | None = None
     pretrained: str | None = None
     hf_config: dict[str, Any] | None = None
+    architecture: str | None = None
     open_clip_model_config: dict[str, Any] | None = None
     open_clip_model_config_path: str | None = None
     feature_layer: int = -2
@@ -80,17 +84,39 @@ class VisionTowerConfig(Config):
     moe: MoELayers | None = None
 
     def validate(self) -> None:
-        if self.backend == "hf" and self.name_or_path is None and self.hf_config is None:
-            raise invalid("name_or_path", "the 'hf' backend needs name_or_path (a local folder or hub id) or "
-                                          "hf_config (a CLIP/SigLIP vision config dict with 'model_type')")
-        if self.backend == "hf" and self.hf_config is not None and "model_type" not in self.hf_config:
-            raise invalid("hf_config", "must contain 'model_type' (e.g. 'clip_vision_model')")
+        if self.backend == "hf":
+            if self.architecture is not None and self.name_or_path is not None:
+                raise invalid("architecture", "give architecture (a published architecture, random weights) or "
+                                              "name_or_path (a local folder or hub id), not both")
+            if self.architecture is None and self.name_or_path is None and self.hf_config is None:
+                raise invalid("name_or_path", "the 'hf' backend needs name_or_path (a local folder or hub id), "
+                                              "architecture (a published architecture, random weights) or hf_config "
+                                              "(a CLIP/SigLIP vision config dict with 'model_type')")
+            if self.architecture is not None:
+                from .architectures import get_architecture
+
+                try:
+                    get_architecture(self.architecture, "vision")
+                except ValueError as exc:
+                    raise invalid("architecture", str(exc)) from None
+            elif self.hf_config is not None and "model_type" not in self.hf_config:
+                raise invalid("hf_config", "must contain 'model_type' (e.g. 'clip_vision_model')")
         if self.backend == "open_clip" and self.name_or_path is None:
             raise invalid("name_or_path", "the 'open_clip' backend needs name_or_path (the open_clip model name)")
+        if self.backend == "open_clip" and self.architecture is not None:
+            raise invalid("architecture", "applies to backend 'hf' only")
         open_clip_only = ("pretrained", "open_clip_model_config", "open_clip_model_config_path")
         set_here = [name for name in open_clip_only if getattr(self, name) is not None]
         if self.backend == "hf" and set_here:
             raise invalid(set_here[0], "applies to backend 'open_clip' only")
+
+    def hf_config_dict(self) -> dict[str, Any] | None:
+        """The HF vision config this builds from without a checkpoint (architecture + hf_config), if any."""
+        if self.architecture is not None:
+            from .architectures import get_architecture
+
+            return get_architecture(self.architecture, "vision").resolved(self.hf_config)
+        return self.hf_config
 
     def build(self, *, load_weights: bool = True, attn_implementation: str | None = None,
               dtype: torch.dtype | None = None) -> VisionTower:
@@ -216,8 +242,8 @@ class HFVisionTower(VisionTower):
                                  f"({len(info['missing_keys'])} missing weights)")
             self._pretrained_preprocessing = _preprocessor_config(path)
         else:
-            if config.hf_config is not None:
-                hf_cfg = _hf_vision_config(config.hf_config)
+            if config.hf_config_dict() is not None:
+                hf_cfg = _hf_vision_config(config.hf_config_dict())
             else:
                 hf_cfg = transformers.AutoConfig.from_pretrained(config.name_or_path)
                 hf_cfg = getattr(hf_cfg, "vision_config", None) or hf_cfg
@@ -242,7 +268,7 @@ class HFVisionTower(VisionTower):
         hf_cfg = self.model.config.to_dict()
         for key in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
             hf_cfg.pop(key, None)
-        return replace(self.config, hf_config=hf_cfg)
+        return replace(self.config, hf_config=hf_cfg, architecture=None)
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.encoder.layers)

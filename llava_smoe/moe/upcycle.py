@@ -16,7 +16,8 @@ from .layer import MoELayer
 
 def _activation_name(act) -> str:
     """Identify an activation module/function by its values (class names differ across libraries)."""
-    probe = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    # On the CPU whatever the default device: a model built on the meta device (planning) has no values.
+    probe = torch.linspace(-6, 6, 241, dtype=torch.float64, device="cpu")
     with torch.no_grad():
         got = act(probe)
         for name, fn in _ACTIVATIONS.items():

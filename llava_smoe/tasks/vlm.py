@@ -77,7 +77,6 @@ class VLMTaskConfig(Config):
 
 def assemble(config: VLMTaskConfig):
     """(model, processor) for a stage: built anew or loaded and optionally upcycled."""
-    from llava_smoe.model import surgery
     from llava_smoe.pretrained import load_pretrained
 
     if config.init_from is not None:
@@ -93,17 +92,39 @@ def assemble(config: VLMTaskConfig):
             if len(processor.tokenizer) != model.config.text_config.vocab_size:
                 raise ConfigError(f"{config.template!r} adds tokens the checkpoint's model lacks; use a tokenizer "
                                   "that already holds the template's control tokens", ("template",))
-        if config.moe is not None:
-            placement = config.moe_placement
-            surgery.upcycle(model, config.moe, placement.language_model, placement.vision_tower)
-        if config.mot_to_token_choice is not None:
-            from llava_smoe.moe import convert_mot_to_token_choice
-
-            if not convert_mot_to_token_choice(model, router=config.mot_to_token_choice):
-                raise ConfigError(f"{config.init_from} has no Mixture-of-Tokens layer", ("mot_to_token_choice",))
-            surgery.record_moe(model)
+        apply_checkpoint_stage(model, config)
         return model, processor
     return _assemble_new(config)
+
+
+def apply_checkpoint_stage(model, config: VLMTaskConfig) -> None:
+    """What a stage starting from a checkpoint changes in its model: MoE upcycling and the
+    Mixture-of-Tokens conversion (the tower's freeze is `build_vlm`'s, for every stage)."""
+    from llava_smoe.model import surgery
+
+    if config.moe is not None:
+        placement = config.moe_placement
+        surgery.upcycle(model, config.moe, placement.language_model, placement.vision_tower)
+    if config.mot_to_token_choice is not None:
+        from llava_smoe.moe import convert_mot_to_token_choice
+
+        if not convert_mot_to_token_choice(model, router=config.mot_to_token_choice):
+            raise ConfigError(f"{config.init_from} has no Mixture-of-Tokens layer", ("mot_to_token_choice",))
+        surgery.record_moe(model)
+
+
+def new_model_spec(config: VLMTaskConfig, tokenizer_size: int | None, image_token_id: int) -> VLMConfig:
+    """The `VLMConfig` a new assembly builds: the recipe's model, its embeddings grown to the
+    tokenizer (when `tokenizer_size` is known), the image token's id and the stage's MoE."""
+    spec = config.model
+    changes = {}
+    if tokenizer_size is not None and spec.vocab_size is None and _lm_vocab_size(spec) < tokenizer_size:
+        changes["vocab_size"] = tokenizer_size  # grow only: some LMs pad their vocabulary past the tokenizer
+    if spec.image_token_id is None:
+        changes["image_token_id"] = image_token_id
+    if config.moe is not None and spec.moe is None:
+        changes.update(moe=config.moe, moe_placement=config.moe_placement)
+    return replace(spec, **changes)
 
 
 def _assemble_new(config: VLMTaskConfig):
@@ -123,16 +144,8 @@ def _assemble_new(config: VLMTaskConfig):
     template = config.template or "vicuna_v1"
     probe = LlavaSmoeProcessor(tokenizer, ProcessorConfig(template=template, system_prompt=config.system_prompt,
                                                           num_image_tokens=1))
-    spec = config.model
-    changes = {}
-    if spec.vocab_size is None and _lm_vocab_size(spec) < len(tokenizer):
-        changes["vocab_size"] = len(tokenizer)  # grow only: some LMs pad their vocabulary past the tokenizer
-    if spec.image_token_id is None:
-        changes["image_token_id"] = probe.image_token_id
-    if config.moe is not None and spec.moe is None:
-        changes.update(moe=config.moe, moe_placement=config.moe_placement)
     try:
-        model = replace(spec, **changes).build()
+        model = new_model_spec(config, len(tokenizer), probe.image_token_id).build()
     except ConfigError as exc:
         raise exc.within("model") from None
     tower = model.vision_tower
@@ -150,7 +163,7 @@ def _lm_vocab_size(spec: VLMConfig) -> int:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(lm.name_or_path).vocab_size
-    return int(lm.config.get("vocab_size", 0))
+    return int(lm.resolved_config().get("vocab_size", 0))
 
 
 def export(processor):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -18,8 +18,12 @@ from torch import nn
 from llava_smoe.training.config import TrainConfig
 from llava_smoe.training.distributed import DistInfo
 
+if TYPE_CHECKING:
+    from llava_smoe.training.expert_parallel import ExpertParallel
+
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+RANK_OPTIMIZER_FILE = "optimizer-rank-{rank:05d}.pt"  # expert parallelism: each rank's own state
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -54,16 +58,22 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """Plain PyTorch: AdamW, bf16 autocast, DDP when several processes run."""
+    """Plain PyTorch: AdamW, bf16 autocast, DDP when several processes run; with
+    `expert_parallel` (a model already sharded), the expert shards are left out of DDP and
+    their gradients reduced by it (see `llava_smoe.training.expert_parallel`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, dist_info: DistInfo,
-                 find_unused_parameters: bool):
+                 find_unused_parameters: bool, expert_parallel: ExpertParallel | None = None):
         self.module = model
         self.optimizer = optimizer
         self.train = train
         self.dist = dist_info
+        self.expert_parallel = expert_parallel
         self.wrapped: nn.Module = model
         if dist_info.world_size > 1:
+            if expert_parallel is not None:
+                nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, expert_parallel.expert_names)
             # Experts that receive no token on a rank produce no gradient: DDP must look for them.
             self.wrapped = nn.parallel.DistributedDataParallel(
                 model,
@@ -90,6 +100,9 @@ class TorchBackend:
 
     def grad_norm_before_step(self) -> torch.Tensor:
         max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
+        if self.expert_parallel is not None:
+            self.expert_parallel.sync_grads()
+            return self.expert_parallel.clip_grad_norm(self._params, max_norm)
         return torch.nn.utils.clip_grad_norm_(self._params, max_norm)
 
     def step(self) -> None:
@@ -99,17 +112,33 @@ class TorchBackend:
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _full_experts(self, write_back: bool = False) -> contextlib.AbstractContextManager:
+        ep = self.expert_parallel
+        return contextlib.nullcontext() if ep is None else ep.full_experts(self.module, write_back)
+
+    def _optimizer_file(self, ckpt_dir: Path) -> Path:
+        if self.expert_parallel is None:
+            return ckpt_dir / OPTIMIZER_FILE
+        return ckpt_dir / RANK_OPTIMIZER_FILE.format(rank=self.dist.rank)
+
     def save(self, ckpt_dir: Path) -> None:
-        if self.dist.is_main:  # DDP replicas are identical
-            save_model(self.module, str(ckpt_dir / MODEL_FILE))
-            torch.save(self.optimizer.state_dict(), ckpt_dir / OPTIMIZER_FILE)
+        with self._full_experts():
+            if self.dist.is_main:  # DDP replicas are identical (expert shards gathered)
+                save_model(self.module, str(ckpt_dir / MODEL_FILE))
+        if self.dist.is_main or self.expert_parallel is not None:
+            torch.save(self.optimizer.state_dict(), self._optimizer_file(ckpt_dir))
 
     def load(self, ckpt_dir: Path) -> None:
-        load_model(self.module, str(ckpt_dir / MODEL_FILE), strict=True, device=str(self.dist.device))
-        state = torch.load(ckpt_dir / OPTIMIZER_FILE, map_location=self.dist.device, weights_only=True)
-        self.optimizer.load_state_dict(state)
+        with self._full_experts(write_back=True):
+            load_model(self.module, str(ckpt_dir / MODEL_FILE), strict=True, device=str(self.dist.device))
+        path = self._optimizer_file(ckpt_dir)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: {ckpt_dir} was not written by an expert-parallel run "
+                                    "of this size (train.expert_parallel and the number of processes must match)")
+        self.optimizer.load_state_dict(torch.load(path, map_location=self.dist.device, weights_only=True))
 
     def export(self, export_fn: Callable[[nn.Module, Path], None], out_dir: Path) -> None:
-        if self.dist.is_main:
-            export_fn(self.module, out_dir)
+        with self._full_experts():
+            if self.dist.is_main:
+                export_fn(self.module, out_dir)
 

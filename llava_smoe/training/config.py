@@ -81,6 +81,9 @@ class TrainConfig(Config):
     eval_every: int = 0  # 0: evaluate only at the end (when the task has an eval set)
     max_nonfinite: int = 5  # stop after this many skipped non-finite steps
     backend: Literal["torch", "deepspeed"] = "torch"
+    # Experts of every MoE layer sharded over groups of this many processes, tokens exchanged by
+    # all-to-all (torch back end; it must divide the number of processes and every layer's experts).
+    expert_parallel: int = 1
     deepspeed_config: str | None = None  # JSON path; "auto" values filled from this config
     resume: str | None = None  # "auto" (latest checkpoint in output_dir) or a checkpoint path
     num_workers: int = 0
@@ -105,6 +108,11 @@ class TrainConfig(Config):
                 raise invalid(name, f"must be >= 0, got {getattr(self, name)}")
         if self.grad_clip < 0:
             raise invalid("grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.expert_parallel < 1:
+            raise invalid("expert_parallel", f"must be >= 1, got {self.expert_parallel}")
+        if self.expert_parallel > 1 and self.backend != "torch":
+            raise invalid("expert_parallel", "needs train.backend=torch (expert parallelism with ZeRO is not "
+                                             "implemented; see docs/training.md)")
         if self.backend == "deepspeed" and not self.deepspeed_config:
             raise invalid("deepspeed_config", "train.backend=deepspeed needs it (e.g. train/deepspeed/zero2.json)")
 

@@ -164,6 +164,11 @@ class Trainer:
                 )
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(dist_info.device)
+        self.expert_parallel = None
+        if cfg.expert_parallel > 1:  # before the optimizer: each rank keeps state for its experts only
+            from llava_smoe.training.expert_parallel import ExpertParallel
+
+            self.expert_parallel = ExpertParallel.setup(model, cfg.expert_parallel, dist_info)
 
         groups, summary, frozen = build_param_groups(model, run.optim)
         if dist_info.is_main:
@@ -241,7 +246,8 @@ class Trainer:
             from llava_smoe.training.deepspeed_backend import DeepSpeedBackend
 
             return DeepSpeedBackend(model, optimizer, self.cfg, self.dist)
-        return TorchBackend(model, optimizer, self.cfg, self.dist, find_unused_parameters=has_moe)
+        return TorchBackend(model, optimizer, self.cfg, self.dist, find_unused_parameters=has_moe,
+                            expert_parallel=self.expert_parallel)
 
     def _load(self, ckpt: Path) -> None:
         state = load_checkpoint(ckpt, self.backend)

@@ -181,7 +181,7 @@ class CompeteSMoERouter(SMoERouter):
         logits_TE = self.logits(x_TD)
         router_probs_TE = F.softmax(logits_TE, dim=-1)
         target_TE = F.softmax(affinity_TE, dim=-1)
-        aux = {"distill": o.distill_coef * F.mse_loss(router_probs_TE, target_TE.detach())}
+        aux = {"distill": o.distill_coef * F.mse_loss(router_probs_TE, target_TE.detach())} if o.distill_coef else {}
         if o.hybrid_coef:
             aux["hybrid"] = o.hybrid_coef * F.mse_loss(
                 router_probs_TE.gather(1, idx_TK), target_TE.detach().gather(1, idx_TK)
