@@ -189,7 +189,7 @@ def build_variants(cfg: MoEBenchConfig) -> tuple[list[Variant], MoELayer]:
     smoe = MoELayer(MoEConfig(num_experts=E, top_k=K, router="smoe"), D, Fd).to(device)
     variants = [
         Variant(DENSE, f"dense SwiGLU FFN, width k*F = {K * Fd}", DenseSwiGLU(D, K * Fd).to(device)),
-        Variant(DENSE_FUSED, f"the same with the experts' SwiGLU (no gradient concatenation)",
+        Variant(DENSE_FUSED, "the same with the experts' SwiGLU (no gradient concatenation)",
                 DenseSwiGLU(D, K * Fd, fused=True).to(device)),
         Variant(HF, f"transformers Qwen3MoeSparseMoeBlock, experts_implementation={cfg.hf_experts}",
                 build_hf_block(smoe, cfg.hf_experts)),
