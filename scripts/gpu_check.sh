@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU check, ~5 minutes on one H100 / H200: MoE layer vs dense and transformers at
+# One-command GPU check, sized for ~5 minutes on one H100 / H200 (not yet timed on one): MoE layer vs dense and transformers at
 # real sizes, a CLIP-L/336 + Phi-3.5-mini-shaped MoE VLM training step (tokens/s, MFU) and its
 # generation speed (see llava_smoe/bench/gpu_check.py). It runs on the machine's own torch and
 # transformers: no virtual environment, no constraints, no network (unlike scripts/_env.sh).

@@ -63,6 +63,7 @@ def references(tmp_path_factory) -> dict[str, dict[str, list[float]]]:
     for name, extra in (("smoe", []), ("competition", COMPETITION)):
         run = train(tmp_path_factory.mktemp(name), "one", 1, "train.micro_batch_size=4", *extra)
         out[name] = {"loss": losses(run), "grad_norm": losses(run, "grad_norm")}
+        assert len(out[name]["loss"]) >= 2 and len(out[name]["grad_norm"]) == len(out[name]["loss"]), out[name]
     return out
 
 

@@ -26,7 +26,9 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert {(r["num_experts"], r["variant"]) for r in moe} == {
         (e, v) for e in (4, 8) for v in ("dense", "smoe", "transformers grouped_mm", "competesmoe competition")}
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in moe)
-    assert all(r["flops_ratio_to_dense"] == 1.0 for r in moe if r["variant"] == "dense")
+    dense = {r["num_experts"]: r["tflops"] for r in moe if r["variant"] == "dense"}
+    for r in moe:  # the ratio the aim is judged by: this variant's FLOP/s over dense's, same E
+        assert r["flops_ratio_to_dense"] == pytest.approx(r["tflops"] / dense[r["num_experts"]], rel=0.02)
     train = next(r for r in result["rows"] if r["section"] == "train")
     assert train["tokens_per_s"] > 0 and train["model_tflops"] > 0 and train["mfu"] is None  # no peak known on CPU
     generate = next(r for r in result["rows"] if r["section"] == "generate")

@@ -1,4 +1,4 @@
-"""One-command GPU check (`scripts/gpu_check.sh`): about 5 minutes on one H100 / H200.
+"""One-command GPU check (`scripts/gpu_check.sh`): sized for about 5 minutes on one H100 / H200 (not yet timed on one).
 
 Runs with the machine's own torch and transformers (no virtual environment, no network, no
 DeepSpeed / open_clip / flash-attn needed), prints what it found first and skips, with a
@@ -91,7 +91,7 @@ def _median(xs: list[float]) -> float:
 
 
 def moe_section(device: torch.device, sizes: dict[str, int], experts: list[int], repeats: int,
-                hf: bool) -> list[dict]:
+                hf: bool, grouped: bool = True) -> list[dict]:
     from llava_smoe.bench.moe import DenseSwiGLU, _forward_backward, build_hf_block
     from llava_smoe.moe import MoEConfig, MoELayer, configure_moe_schedule
 
@@ -102,12 +102,13 @@ def moe_section(device: torch.device, sizes: dict[str, int], experts: list[int],
     for E in experts:
         torch.manual_seed(0)
         with torch.device(device):
-            smoe = MoELayer(MoEConfig(num_experts=E, top_k=K, router="smoe", dispatch="grouped"), D, F)
+            dispatch = "grouped" if grouped else "loop"
+            smoe = MoELayer(MoEConfig(num_experts=E, top_k=K, router="smoe", dispatch=dispatch), D, F)
             variants: dict[str, torch.nn.Module] = {"dense": DenseSwiGLU(D, K * F), "smoe": smoe}
-            if hf:
+            if hf and grouped:
                 variants["transformers grouped_mm"] = build_hf_block(smoe, "grouped_mm")
             if E <= 8:
-                compete = MoELayer(MoEConfig(num_experts=E, top_k=K, router="competesmoe", router_options={
+                compete = MoELayer(MoEConfig(num_experts=E, top_k=K, router="competesmoe", dispatch=dispatch, router_options={
                     "warmup_fraction": 0.0, "competition_prob": 1.0}), D, F)
                 configure_moe_schedule(compete, 10)
                 variants["competesmoe competition"] = compete
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if "moe" in sections:
         sizes = {"hidden": 64, "ffn": 128, "tokens": 256} if args.smoke else {"hidden": 3072, "ffn": 8192, "tokens": 16384}
-        rows += moe_section(device, sizes, [4, 8] if args.smoke else [4, 8, 64], 2 if args.smoke else 10, hf=has_tf5)
+        rows += moe_section(device, sizes, [4, 8] if args.smoke else [4, 8, 64], 2 if args.smoke else 10, hf=has_tf5,
+                            grouped=env["grouped_mm"])
     if has_tf5 and ("train" in sections or "generate" in sections):
         from llava_smoe.model import build_model
 

@@ -131,7 +131,9 @@ def make_record(rng: random.Random, source: Source, index: int, image: str | Non
             if turns and room < len(answer.split()):
                 break  # whole turns only
             if room < 1:  # a first question longer than the budget (a long chat's): cut it
-                question = " ".join(question.split(" ")[: max_words - 1])
+                prefix = "<image>\n" if question.startswith("<image>\n") else ""
+                kept = question[len(prefix):].split()[: max_words - 1 - bool(prefix)]
+                question = prefix + " ".join(kept)  # split() as the count does: newlines inside are spaces
                 room = 1
             answer = " ".join(answer.split()[:room])
         words += len(question.split()) + len(answer.split())

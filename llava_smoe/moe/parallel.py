@@ -39,16 +39,16 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, out_splits: list[int], in_splits: list[int], group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x_ND.new_empty((sum(out_splits), *x_ND.shape[1:]))
-        dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
-        return out
+        y_MD = x_ND.new_empty((sum(out_splits), *x_ND.shape[1:]))
+        dist.all_to_all_single(y_MD, x_ND.contiguous(), out_splits, in_splits, group=group)
+        return y_MD
 
     @staticmethod
-    def backward(ctx, grad_ND):
+    def backward(ctx, grad_MD):
         out_splits, in_splits = ctx.splits
-        grad_in = grad_ND.new_empty((sum(in_splits), *grad_ND.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_ND.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
+        grad_ND = grad_MD.new_empty((sum(in_splits), *grad_MD.shape[1:]))
+        dist.all_to_all_single(grad_ND, grad_MD.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_ND, None, None, None
 
 
 def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -133,10 +133,10 @@ class ExpertParallelExperts(GroupedExperts):
         recv = [local * n for n in rows_R]
         x_QD = all_to_all(x_END.reshape(E * N, D), recv, [local * N] * ep, self.group)
         # Source by source, [local, N_source, D]: my experts' rows side by side.
-        parts = [p.view(local, n, D) for p, n in zip(torch.split(x_QD, recv), rows_R)]
-        y_LMD = super().forward_batched(torch.cat(parts, dim=1))
-        back = torch.cat([p.reshape(-1, D) for p in torch.split(y_LMD, rows_R, dim=1)])
-        return all_to_all(back, [local * N] * ep, recv, self.group).view(E, N, D)
+        parts_LnD = [p.view(local, n, D) for p, n in zip(torch.split(x_QD, recv), rows_R)]
+        y_LMD = super().forward_batched(torch.cat(parts_LnD, dim=1))
+        back_QD = torch.cat([p.reshape(-1, D) for p in torch.split(y_LMD, rows_R, dim=1)])
+        return all_to_all(back_QD, [local * N] * ep, recv, self.group).view(E, N, D)
 
     def forward_expert(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
         if not self.first_expert <= e < self.first_expert + self.num_local_experts:

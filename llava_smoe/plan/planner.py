@@ -60,6 +60,8 @@ class PlanSettings:
         for name in ("micro_batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.images_per_sample < 0:
+            raise ConfigError(f"--images must be >= 0, got {self.images_per_sample}")
 
 
 def plan_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, gpus: int, gpu_memory_gb: float,
@@ -132,9 +134,15 @@ def plan_model(model, settings: PlanSettings) -> dict[str, Any]:
 
 def _zero_section(path: str | None) -> tuple[int | None, dict[str, float]]:
     """The ZeRO stage a DeepSpeed JSON names and its bucket settings."""
-    if not path or not Path(path).is_file():
+    if not path:
         return None, {}
-    section = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    if not Path(path).is_file():
+        raise ConfigError(f"train.deepspeed_config: {path} is not a file (a relative path is read from "
+                          f"{Path.cwd()}, as training reads it)")
+    try:
+        section = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ConfigError(f"train.deepspeed_config: {path} is not a DeepSpeed JSON object ({exc})") from None
     return section.get("stage"), {k: float(v) for k, v in section.items()
                                   if k in _ZERO_DEFAULTS and isinstance(v, (int, float))}
 

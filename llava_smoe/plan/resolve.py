@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from llava_smoe.config import ConfigError
@@ -99,9 +100,10 @@ def _producing_recipe(path: Path, folder: Path) -> Path | None:
         if candidate == path.resolve():
             continue
         try:
-            out = load_recipe_dict(candidate).get("train", {}).get("output_dir")
-        except (ConfigError, OSError, ValueError):
+            train = load_recipe_dict(candidate).get("train", {})
+        except (ConfigError, OSError, ValueError, AttributeError, yaml.YAMLError):
             continue  # not a recipe
+        out = train.get("output_dir") if isinstance(train, dict) else None
         if isinstance(out, str) and (Path(out) / FINAL).resolve() == target:
             return candidate
     return None
