@@ -36,6 +36,13 @@ def test_quickstart_chains_every_tiny_stage(tmp_path):
     assert 0.0 <= saved["accuracy"] <= 1.0 and saved["num_questions"] > 100
     assert "exists" not in saved["accuracy_by_type"]  # presence questions are off by default
     assert set(saved["stage_seconds"]) == {"data", *STAGES, "eval"}
+    # Only standard weights trained (the tower's position embedding, no projector vectors): the
+    # checkpoint exports to transformers' LLaVA (a projector with position vectors would be refused).
+    assert final["vision_config"]["freeze_except"] == ["*position_embedding*"]
+    from llava_smoe.convert import export_hf_llava
+    from llava_smoe.pretrained import load_pretrained
+
+    export_hf_llava(*load_pretrained(out / "finetune_moe" / "final"), tmp_path / "hf")
 
     # A second run reuses the data made with the same generator settings.
     made = (tmp_path / "data" / "manifest.json").stat().st_mtime_ns
