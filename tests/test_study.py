@@ -179,3 +179,27 @@ def test_spec_errors_name_the_key(tmp_path):
             load_spec(spec)
     spec.write_text(yaml.safe_dump({**data, "variants": {**data["variants"], "broken": ["toy.moe.router=nope"]}}))
     assert main(["study", str(spec), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+
+
+def test_committed_specs_validate_every_shared_stage_and_cell(tmp_path, capsys):
+    from llava_smoe.cli import main
+
+    folder = ROOT / "train" / "study"
+    specs = [p for p in sorted(folder.glob("*.yaml")) if "variants" in (yaml.safe_load(p.read_text()) or {})]
+    assert {p.name for p in specs} >= {"text-routers.yaml", "shapes-hard.yaml"}
+    for path in specs:
+        assert main(["study", str(path), "--out", str(tmp_path / path.stem), "--dry-run"]) == 0, path.name
+    assert "dense_wide/s2: " in capsys.readouterr().out
+
+    # A shared stage's bad setting stops the dry run, naming the stage and the key.
+    data = yaml.safe_load((folder / "shapes-hard.yaml").read_text())
+    data["recipe"] = str(folder / data["recipe"])
+    for stage in data["shared"]:
+        if "recipe" in stage:
+            stage["recipe"] = str(folder / stage["recipe"])
+    data["shared"][3]["overrides"].append("vlm.model.projector.typo=1")
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["study", str(spec), "--out", str(tmp_path / "bad"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "shared stage stage1 (seed 0)" in err and "vlm.model.projector.typo" in err, err

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-mixed", action="store_true",
                         help="go on although recorded cells differ in code, settings, packages or device")
     parser.add_argument("--report-only", action="store_true", help="run nothing; report the finished cells")
-    parser.add_argument("--dry-run", action="store_true", help="print each cell's resolved overrides and exit")
+    parser.add_argument("--dry-run", action="store_true", help="validate every shared stage and cell, print each cell's resolved overrides and exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
                   allow_mixed=args.allow_mixed,
                   log=lambda line: print(f"==> {line}", flush=True))
     if args.dry_run:
+        for seed in spec.seeds:
+            study.check_shared(seed)
         for cell in study.cells:
             study.resolved_config(cell)  # validates the whole recipe of every cell
             print(f"{cell.key}: {' '.join(study.cell_overrides(cell))}")

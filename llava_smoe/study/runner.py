@@ -198,11 +198,28 @@ class Study:
             config = json.dumps({**stage.synth, "seed": seed})
             self._subprocess([sys.executable, "-m", "llava_smoe.study.synth", config, str(folder)], log_file)
             return
-        values = self._placeholders(seed)
-        overrides = [*self._expand(stage.overrides, values, f"shared.{stage.name}.overrides"),
-                     f"train.seed={seed}", f"train.output_dir={folder}", "train.resume=auto",
-                     f"train.save_every={self.spec.save_every}", "train.progress_bar=false", "train.tensorboard=false"]
-        self._train(self._recipe(stage.recipe), overrides, log_file)
+        self._train(self._recipe(stage.recipe), self.stage_overrides(stage, seed), log_file)
+
+    def stage_overrides(self, stage: StageSpec, seed: int) -> list[str]:
+        folder = self.out / "shared" / f"s{seed}" / stage.name
+        return [*self._expand(stage.overrides, self._placeholders(seed), f"shared.{stage.name}.overrides"),
+                f"train.seed={seed}", f"train.output_dir={folder}", "train.resume=auto",
+                f"train.save_every={self.spec.save_every}", "train.progress_bar=false", "train.tensorboard=false"]
+
+    def check_shared(self, seed: int) -> None:
+        """Every shared stage of `seed` validates (the generator's settings, or the whole recipe)."""
+        from llava_smoe.config import parse
+        from llava_smoe.data.synth import ShapesWorldConfig
+        from llava_smoe.training.recipe import load_recipe
+
+        for stage in self.spec.shared:
+            try:
+                if stage.synth is not None:
+                    parse(ShapesWorldConfig, {**stage.synth, "seed": seed}, ("synth",))
+                else:
+                    load_recipe(self._recipe(stage.recipe), self.stage_overrides(stage, seed))
+            except ConfigError as exc:
+                raise ConfigError(f"shared stage {stage.name} (seed {seed}): {exc}") from None
 
     def run_cell(self, cell: Cell, env: dict[str, Any]) -> dict[str, Any]:
         provenance = self.provenance(cell, env)
