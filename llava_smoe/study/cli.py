@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-mixed", action="store_true",
                         help="go on although recorded cells differ in code, settings, packages or device")
     parser.add_argument("--report-only", action="store_true", help="run nothing; report the finished cells")
-    parser.add_argument("--dry-run", action="store_true", help="validate every shared stage and cell, print each cell's resolved overrides and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate every shared stage and cell, print each cell's resolved overrides and exit")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -270,6 +270,8 @@ class Study:
         self.log(f"study {self.spec.name}: {len(self.cells)} cells, {len(self.cells) - len(todo)} done, "
                  f"{len(todo)} to run on {self.workers} worker(s) x {self.threads} thread(s)")
         seeds = sorted({c.seed for c in todo})
+        for seed in seeds:  # a bad shared stage stops the study before anything runs
+            self.check_shared(seed)
         failures: list[str] = []
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             for seed, result in zip(seeds, pool.map(self._try, [self.run_shared] * len(seeds), seeds)):
