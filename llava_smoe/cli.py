@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    from llava_smoe import allocator
+
+    try:
+        allocator.configure()  # large CPU buffers reused, not page-faulted in afresh every step
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         result = importlib.import_module(args._module).run(args)
     except Exception as exc:

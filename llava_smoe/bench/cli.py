@@ -176,7 +176,8 @@ def _run_step(args: argparse.Namespace) -> int:
     rows = run_step_bench(config, Path(args.profile) if args.profile else None)
     _write(rows, args.out)
     print(f"{args.recipe}: {args.steps} steps per run after {args.warmup} warm-up, {args.repeats} interleaved "
-          f"rounds, {rows[0]['threads']} threads, torch {rows[0]['torch']}; milliseconds per step")
+          f"rounds, {rows[0]['threads']} threads, malloc {rows[0]['malloc']}, torch {rows[0]['torch']}; "
+          "milliseconds per step")
     print(markdown_table(rows))
     print(f"wrote {args.out}")
     return 0
@@ -197,7 +198,7 @@ def _run_moe(args: argparse.Namespace) -> int:
     r0 = rows[0]
     print(
         f"E={r0['num_experts']} k={r0['top_k']} D={r0['hidden_size']} F={r0['ffn_size']} tokens={r0['tokens']} "
-        f"{r0['dtype']} on {r0['device']} ({r0['threads']} threads), torch {r0['torch']}, "
+        f"{r0['dtype']} on {r0['device']} ({r0['threads']} threads, malloc {r0['malloc']}), torch {r0['torch']}, "
         f"transformers {r0['transformers']}, {r0['repeats']} interleaved rounds"
     )
     print(markdown_table(rows))

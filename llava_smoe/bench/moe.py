@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava_smoe import allocator
 from llava_smoe.config import Config
 
 from ..moe import (
@@ -299,7 +300,7 @@ def run_moe_bench(cfg: MoEBenchConfig) -> list[dict]:
         "num_experts": cfg.num_experts, "top_k": cfg.top_k, "hidden_size": cfg.hidden_size, "ffn_size": cfg.ffn_size,
         "tokens": cfg.tokens, "batch": cfg.batch, "dtype": cfg.dtype, "device": str(device),
         "threads": torch.get_num_threads(), "repeats": cfg.repeats, "warmup": cfg.warmup,
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "malloc": allocator.mode(), "torch": torch.__version__, "transformers": transformers.__version__,
     }
     rows = []
     for v in variants:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from llava_smoe import allocator
 from llava_smoe.config import Config, invalid
 
 PHASES = ("data", "forward", "aux", "backward", "sync", "optimizer", "moe_step", "log")
@@ -89,7 +90,7 @@ def run_step_bench(config: StepBenchConfig, profile: Path | None = None) -> list
     for name in names:
         row: dict[str, Any] = {"variant": name, "overrides": config.variants[name], "baseline": base,
                                "steps": config.steps, "repeats": config.repeats, "threads": torch.get_num_threads(),
-                               "torch": torch.__version__}
+                               "malloc": allocator.mode(), "torch": torch.__version__}
         for phase in ("step", *PHASES):
             row[f"ms_{phase}"] = statistics.median(run[phase] for run in runs[name])
         row["ms_step_min"] = min(run["step"] for run in runs[name])
