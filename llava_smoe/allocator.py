@@ -4,8 +4,8 @@ glibc serves every request above its mmap threshold (at most 32 MiB) with a new 
 mapping and unmaps it on free, so a training step whose activations are that large (an MoE
 layer's [E, T, 2F] expert buffers, logits over a vocabulary) page-faults all of them in again on
 every step. Taking them from the heap and keeping freed memory there removes that: at the MoE
-benchmark's sizes a forced CompeteSMoE competition step ran 16% faster on a 2-core VM, the dense
-FFN and smoe's layer 10% (docs/benchmarks.md).
+benchmark's sizes a forced CompeteSMoE competition step ran 16-20% faster on a 2-core VM, the
+dense FFN and smoe's layer 10-13% (docs/benchmarks.md).
 The cost is that the process keeps its peak heap until it exits, which is what a training or
 serving process does anyway.
 
