@@ -44,7 +44,7 @@ _mode = "system"
 
 
 def configure() -> str:
-    """Apply the setting to this process once; return the mode in force: "keep" or "system"."""
+    """Apply the setting to this process; return the mode in force: "keep" or "system"."""
     global _mode
     requested = os.environ.get(ENV, "keep")
     if requested not in MODES:
