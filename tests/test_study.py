@@ -180,7 +180,9 @@ def test_spec_errors_name_the_key(tmp_path):
     for change, message in (({"baseline": "dense"}, "baseline: 'dense' is not one of the variants"),
                             ({"primary": {"name": "accuracy"}}, "evaluate: metrics ['accuracy'] need an `evaluate`"),
                             ({"seeds": [0, 0]}, "seeds: need distinct seeds"),
-                            ({"variant": {}}, "unknown key 'variant'")):
+                            ({"variant": {}}, "unknown key 'variant'"),
+                            ({"shared": [{"name": "data", "synth": {}, "max_loss": 0.1}]},
+                             "stage 'data' generates data: only a training stage has a loss")):
         spec.write_text(yaml.safe_dump({**data, **change}))
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_spec(spec)
@@ -210,3 +212,27 @@ def test_committed_specs_validate_every_shared_stage_and_cell(tmp_path, capsys):
     assert main(["study", str(spec), "--out", str(tmp_path / "bad"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "shared stage stage1 (seed 0)" in err and "vlm.model.projector.typo" in err, err
+
+
+def test_a_shared_stage_above_its_max_loss_stops_its_seed(tmp_path):
+    from llava_smoe.study.runner import Study, StudyError
+    from llava_smoe.study.spec import load_spec
+
+    spec = write_spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    spec.write_text(yaml.safe_dump({**data, "shared": [{"name": "stage1", "recipe": "toy.yaml", "max_loss": 0.5}]}))
+    loaded, spec_dir = load_spec(spec)
+    out = tmp_path / "study"
+    runner = Study(loaded, spec_dir, out, log=lambda *_: None)
+    for seed, losses in ((0, [2.0, 0.6, 0.4, 0.45, 0.5, 0.45]), (1, [2.0, 0.9, 0.7, 0.6, 0.55])):
+        stage = out / "shared" / f"s{seed}" / "stage1"
+        (stage / "final").mkdir(parents=True)  # finished: run_shared checks it without training
+        rows = [{"step": 25 * (i + 1), "loss": x} for i, x in enumerate(losses)] + [{"step": 150, "eval/loss": 0.1}]
+        (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runner.run_shared(0)  # mean of the last four: 0.45
+    with pytest.raises(StudyError, match=re.escape("shared stage stage1 (seed 1) ended at loss 0.6875 "
+                                                   "(mean of its last 4 logged), above its max_loss 0.5")):
+        runner.run_shared(1)
+    (out / "shared" / "s1" / "stage1" / "metrics.jsonl").write_text("")
+    with pytest.raises(StudyError, match="no training loss"):
+        runner.run_shared(1)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_smoe.config import ConfigError, dump
-from llava_smoe.study.spec import StageSpec, StudySpec
+from llava_smoe.study.spec import LOSS_TAIL, StageSpec, StudySpec
 
 CELL_FILE = "cell.json"
 PACKAGES = ("torch", "transformers", "deepspeed", "tokenizers", "numpy", "llava-smoe")
@@ -188,10 +188,11 @@ class Study:
         shared = self.out / "shared" / f"s{seed}"
         for stage in self.spec.shared:
             folder = shared / stage.name
-            if (folder / "manifest.json").is_file() or (folder / "final").is_dir():
-                continue
-            self.log(f"shared s{seed}/{stage.name}")
-            self._run_stage(stage, seed, folder, shared / f"{stage.name}.log.txt")
+            if not ((folder / "manifest.json").is_file() or (folder / "final").is_dir()):
+                self.log(f"shared s{seed}/{stage.name}")
+                self._run_stage(stage, seed, folder, shared / f"{stage.name}.log.txt")
+            if stage.max_loss is not None:
+                check_final_loss(stage, seed, folder)
 
     def _run_stage(self, stage: StageSpec, seed: int, folder: Path, log_file: Path) -> None:
         if stage.synth is not None:
@@ -293,6 +294,24 @@ class Study:
         except (StudyError, ConfigError) as exc:
             return str(exc)
         return None
+
+
+def check_final_loss(stage: StageSpec, seed: int, folder: Path) -> float:
+    """A shared stage's final loss (mean of its last LOSS_TAIL logged values), or a StudyError
+    when it is above the stage's `max_loss` or was never logged."""
+    metrics = folder / "metrics.jsonl"
+    losses = [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r] \
+        if metrics.is_file() else []
+    where = f"shared stage {stage.name} (seed {seed})"
+    if not losses:
+        raise StudyError(f"{where}: no training loss in {metrics} to check against max_loss {stage.max_loss}")
+    tail = losses[-LOSS_TAIL:]
+    final = sum(tail) / len(tail)
+    if final > stage.max_loss:
+        raise StudyError(f"{where} ended at loss {final:.4f} (mean of its last {len(tail)} logged), above its "
+                         f"max_loss {stage.max_loss}: its seed's cells were not run. Give the stage more steps or "
+                         f"other settings and delete {folder} to run it again")
+    return final
 
 
 def yaml_dump(data: Any) -> str:

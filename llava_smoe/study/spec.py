@@ -34,6 +34,7 @@ from llava_smoe.config import Config, ConfigError, invalid, parse
 # Metrics a cell reports: from its training log, and from `evaluate` when the spec has it.
 LOG_METRICS = ("eval/loss", "train/loss")
 EVAL_METRICS = ("accuracy", "blind_accuracy")  # and accuracy/<question type>
+LOSS_TAIL = 4  # logged values a shared stage's final loss is averaged over (max_loss)
 
 
 @dataclass
@@ -62,12 +63,20 @@ class StageSpec(Config):
     recipe: str | None = None
     overrides: list[str] = field(default_factory=list)
     synth: dict[str, Any] | None = None
+    # A training stage must end at or below this loss (mean of its last LOSS_TAIL logged values),
+    # or its seed's cells do not run: cells compared from a stalled stage compare the stall.
+    max_loss: float | None = None
 
     def validate(self) -> None:
         if (self.recipe is None) == (self.synth is None):
             raise invalid("recipe", f"stage {self.name!r}: give exactly one of recipe or synth")
         if not self.name.isidentifier():
             raise invalid("name", f"{self.name!r} must be a plain identifier (it names a folder)")
+        if self.max_loss is not None:
+            if self.synth is not None:
+                raise invalid("max_loss", f"stage {self.name!r} generates data: only a training stage has a loss")
+            if not self.max_loss > 0:
+                raise invalid("max_loss", f"must be > 0, got {self.max_loss}")
 
 
 @dataclass
