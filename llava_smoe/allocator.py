@@ -49,10 +49,9 @@ def configure() -> str:
     requested = os.environ.get(ENV, "keep")
     if requested not in MODES:
         raise ValueError(f"{ENV}={requested!r}: expected one of {list(MODES)}")
-    libc = _libc()
-    if requested == "keep" and libc is not None and not _user_chose_malloc():
-        if libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1:
-            _mode = "keep"
+    libc = _libc() if requested == "keep" and not _user_chose_malloc() else None
+    if libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1:
+        _mode = "keep"
     return _mode
 
 
