@@ -19,6 +19,8 @@ import ctypes
 import os
 import sys
 
+from llava_smoe.config import ConfigError
+
 ENV = "LLAVA_SMOE_MALLOC"
 MODES = ("keep", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers
@@ -48,7 +50,7 @@ def configure() -> str:
     global _mode
     requested = os.environ.get(ENV, "keep")
     if requested not in MODES:
-        raise ValueError(f"{ENV}={requested!r}: expected one of {list(MODES)}")
+        raise ConfigError(f"{ENV}={requested!r}: expected one of {list(MODES)}")
     libc = _libc() if requested == "keep" and not _user_chose_malloc() else None
     if libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1:
         _mode = "keep"

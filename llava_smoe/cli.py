@@ -68,10 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         allocator.configure()  # large CPU buffers reused, not page-faulted in afresh every step
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
         result = importlib.import_module(args._module).run(args)
     except Exception as exc:
         if not _is_input_error(exc) or os.environ.get("LLAVA_SMOE_TRACEBACK"):

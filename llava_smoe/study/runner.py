@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_smoe.config import ConfigError, dump
+from llava_smoe.study.metrics import cell_metrics, read_log
 from llava_smoe.study.spec import LOSS_TAIL, StageSpec, StudySpec
 
 CELL_FILE = "cell.json"
@@ -236,7 +237,6 @@ class Study:
             self._subprocess([sys.executable, "-m", "llava_smoe.study.evaluate", str(cell.run_dir / "final"),
                               ev.data.format(**values), ev.image_folder.format(**values),
                               str(cell.folder / "eval.json"), str(ev.batch_size)], log_file)
-        from llava_smoe.study.metrics import cell_metrics
 
         metrics = cell_metrics(cell.run_dir, cell.folder / "eval.json")
         record = {"variant": cell.variant, "seed": cell.seed, "status": "done", "provenance": provenance,
@@ -299,12 +299,14 @@ class Study:
 def check_final_loss(stage: StageSpec, seed: int, folder: Path) -> float:
     """A shared stage's final loss (mean of its last LOSS_TAIL logged values), or a StudyError
     when it is above the stage's `max_loss` or was never logged."""
-    metrics = folder / "metrics.jsonl"
-    losses = [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r] \
-        if metrics.is_file() else []
     where = f"shared stage {stage.name} (seed {seed})"
+    try:
+        losses = [r["loss"] for r in read_log(folder) if "loss" in r]
+    except FileNotFoundError:
+        losses = []
     if not losses:
-        raise StudyError(f"{where}: no training loss in {metrics} to check against max_loss {stage.max_loss}")
+        raise StudyError(f"{where}: no training loss in {folder / 'metrics.jsonl'} to check against "
+                         f"max_loss {stage.max_loss}")
     tail = losses[-LOSS_TAIL:]
     final = sum(tail) / len(tail)
     if final > stage.max_loss:
