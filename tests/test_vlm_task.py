@@ -251,3 +251,49 @@ def test_an_moe_lm_of_the_lm_task_is_a_recipes_language_model(world, tmp_path):
     loaded, _ = load_pretrained(vlm / "final")
     assert [n for n, _ in moe_layers(loaded)] == ["language_model.model.layers.1.mlp"]
     assert lm_moe(loaded.config.text_config).layers == [1]
+
+
+def test_widen_ffn_keeps_the_function_then_trains_and_reloads_wide(world, tmp_path):
+    """vlm.widen_ffn: the checkpoint's LM FFNs at 2 x F compute what they did; the new units
+    learn (their zero output columns move) and the saved checkpoint rebuilds at the new width."""
+    from llava_smoe import load_pretrained
+    from llava_smoe.model import surgery
+
+    torch.set_num_threads(1)
+    stage1 = tmp_path / "stage1"
+    train(load_recipe(write_recipe(tmp_path / "s1.yaml", {
+        "data": str(world / "instruct_train.json"), "image_folder": str(world / "images"),
+        "tokenizer": str(world / "tokenizer"), "template": "chatml", "system_prompt": "", "max_length": 96,
+        "model": tiny_model(world)}, stage1, steps=3)))
+    model, _ = load_pretrained(stage1 / "final")
+    model.eval()
+    ids = torch.randint(0, model.config.text_config.vocab_size - 1, (2, 7))
+    with torch.no_grad():
+        before = model.language_model(input_ids=ids).logits
+        surgery.widen_lm_ffns(model, 2)
+        after = model.language_model(input_ids=ids).logits
+    assert model.config.text_config.intermediate_size == 128
+    assert surgery.decoder_layers(model.language_model)[0].mlp.down_proj.weight.shape == (32, 128)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+    wide = tmp_path / "wide"
+    train(load_recipe(write_recipe(tmp_path / "w.yaml", {
+        "data": str(world / "instruct_train.json"), "image_folder": str(world / "images"),
+        "init_from": str(stage1 / "final"), "max_length": 96, "widen_ffn": 2}, wide, steps=2)))
+    reloaded, _ = load_pretrained(wide / "final")
+    mlp = surgery.decoder_layers(reloaded.language_model)[1].mlp
+    assert reloaded.config.text_config.intermediate_size == 128
+    assert mlp.down_proj.weight[:, 64:].abs().max() > 0  # the new units' outputs moved off zero
+
+
+@pytest.mark.parametrize("task, reason", [
+    ({"moe": {"router": "smoe", "num_experts": 4, "top_k": 2}}, "not both"),
+    ({"widen_ffn": 1}, "at least 2"),
+])
+def test_widen_ffn_bad_settings_name_the_key(world, tmp_path, task, reason):
+    recipe = write_recipe(tmp_path / "w.yaml", {
+        "data": str(world / "instruct_train.json"), "init_from": str(tmp_path), "widen_ffn": 2, **task},
+        tmp_path / "out", steps=1)
+    with pytest.raises(ConfigError, match=reason) as err:
+        load_recipe(recipe)
+    assert "vlm.widen_ffn" in str(err.value)

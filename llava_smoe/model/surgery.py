@@ -169,6 +169,58 @@ def upcycle(model: LlavaSmoeForConditionalGeneration, moe_config: MoEConfig, lan
     record_moe(model)
 
 
+def widen_lm_ffns(model: LlavaSmoeForConditionalGeneration, factor: int) -> None:
+    """Widen every dense FFN of the language model from F to factor x F units, keeping its function.
+
+    The trained units stay; the new ones get fresh gate/up rows (normal, std `initializer_range`,
+    as a new FFN starts) and zero down-projection columns, so the widened model computes what the
+    checkpoint did and the new units break symmetry from their first gradient (copies of the
+    trained units would get identical updates forever). The LM's config records the new width, so
+    the saved checkpoint rebuilds it. This is the dense model with an upcycled MoE's active width
+    (k x F), started from the same checkpoint as the MoE.
+    """
+    import torch
+
+    lm = model.language_model
+    blocks = decoder_layers(lm)
+    if any(isinstance(b.mlp, MoELayer) for b in blocks):
+        raise ValueError("widen_ffn widens dense FFNs; this language model has MoE layers")
+    if factor < 2:
+        raise ValueError(f"widen_ffn must be at least 2 (got {factor})")
+    std = getattr(lm.config, "initializer_range", 0.02)
+    width = lm.config.intermediate_size
+    for i, block in enumerate(blocks):
+        mlp = block.mlp
+        if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise ValueError(f"language model layer {i}: widen_ffn needs a gate_proj/up_proj/down_proj FFN "
+                             f"(Llama, Qwen); got {type(mlp).__name__}")
+        with torch.no_grad():
+            for name in ("gate_proj", "up_proj"):
+                old = getattr(mlp, name)
+                new = _linear_like(old, old.in_features, factor * width)
+                new.weight[:width] = old.weight
+                nn.init.normal_(new.weight[width:], std=std)
+                if old.bias is not None:
+                    new.bias[:width] = old.bias
+                    new.bias[width:] = 0
+                setattr(mlp, name, new)
+            old = mlp.down_proj
+            new = _linear_like(old, factor * width, old.out_features)
+            new.weight[:, :width] = old.weight
+            new.weight[:, width:] = 0
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+            mlp.down_proj = new
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = factor * width
+    lm.config.intermediate_size = factor * width
+
+
+def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=old.bias is not None,
+                     device=old.weight.device, dtype=old.weight.dtype)
+
+
 def install_from_config(model: LlavaSmoeForConditionalGeneration, tower_moe: MoELayers | None) -> None:
     """The vision tower's MoE layers a VLM config records (the language model's and the
     projector's are built with those parts); weights are loaded afterwards."""

@@ -40,6 +40,9 @@ class VLMTaskConfig(Config):
     image_mode: how a new assembly's processor fits images to the tower ('pad' to a square in
         the mean colour, as LLaVA-1.5; 'resize'; 'center_crop'); mean and std are the tower's.
     moe / moe_placement: upcycle the loaded model's dense FFNs into MoE layers.
+    widen_ffn: widen the loaded model's dense LM FFNs to this many times their width, keeping
+        their function (new units start with a zero output): the dense model as wide as an
+        upcycled MoE's active experts (k x F), from the same checkpoint.
     vision_freeze: freeze (true) or unfreeze (false) the vision tower's dense weights, overriding
         the model's `vision.freeze` (e.g. to tune a checkpoint's frozen tower); null keeps it.
         `optim.groups` never train a frozen tower.
@@ -63,6 +66,7 @@ class VLMTaskConfig(Config):
     image_mode: ImageMode = "pad"
     moe: MoEConfig | None = None
     moe_placement: MoEPlacement = field(default_factory=MoEPlacement)
+    widen_ffn: int | None = None
     mot_to_token_choice: str | None = None
     vision_freeze: bool | None = None
     cache_samples: bool = False
@@ -73,6 +77,14 @@ class VLMTaskConfig(Config):
                                    "(a previous stage's exported checkpoint folder)")
         if self.model is not None and self.tokenizer is None:
             raise invalid("tokenizer", "a new assembly needs a tokenizer folder")
+        if self.widen_ffn is not None:
+            if self.init_from is None:
+                raise invalid("widen_ffn", "widens a checkpoint's FFNs: needs `init_from` (a new assembly "
+                                           "sets its LM's intermediate_size instead)")
+            if self.moe is not None:
+                raise invalid("widen_ffn", "widens dense FFNs: drop it or `moe`, not both")
+            if self.widen_ffn < 2:
+                raise invalid("widen_ffn", f"a factor of at least 2 (got {self.widen_ffn})")
 
 
 def assemble(config: VLMTaskConfig):
@@ -98,13 +110,18 @@ def assemble(config: VLMTaskConfig):
 
 
 def apply_checkpoint_stage(model, config: VLMTaskConfig) -> None:
-    """What a stage starting from a checkpoint changes in its model: MoE upcycling and the
-    Mixture-of-Tokens conversion (the tower's freeze is `build_vlm`'s, for every stage)."""
+    """What a stage starting from a checkpoint changes in its model: MoE upcycling, FFN widening
+    and the Mixture-of-Tokens conversion (the tower's freeze is `build_vlm`'s, for every stage)."""
     from llava_smoe.model import surgery
 
     if config.moe is not None:
         placement = config.moe_placement
         surgery.upcycle(model, config.moe, placement.language_model, placement.vision_tower)
+    if config.widen_ffn is not None:
+        try:
+            surgery.widen_lm_ffns(model, config.widen_ffn)
+        except ValueError as err:
+            raise ConfigError(f"{config.init_from}: {err}", ("widen_ffn",)) from None
     if config.mot_to_token_choice is not None:
         from llava_smoe.moe import convert_mot_to_token_choice
 
