@@ -231,3 +231,24 @@ def test_the_experts_swiglu_equals_autograds_to_the_bit():
     (torch.nn.functional.silu(gate) * up * g).sum().backward()
     assert torch.equal(fused, h.grad)
     assert torch.autograd.gradcheck(silu_glu, (torch.randn(5, 8, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("tokens", [7, 0])
+def test_topk_dispatch_gradients_through_the_sorted_gather_and_combine(tokens):
+    """dispatch_topk's hand-written backwards (gather-sum of each token's K copies, the weighted
+    combine read from sorted order) against finite differences, and its output against the
+    per-expert oracle."""
+    from llava_smoe.moe.experts import GroupedExperts, dispatch_topk
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 6, 8).double()
+    x = torch.randn(tokens, 6, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(tokens)]) if tokens else torch.zeros(0, 2, dtype=torch.long)
+    w = torch.rand(tokens, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: dispatch_topk(experts, x, idx, w, "loop"), (x, w))
+    y = dispatch_topk(experts, x, idx, w, "loop")
+    ref = x.new_zeros(tokens, 6)
+    for t in range(tokens):
+        for j in range(2):
+            ref[t] += w[t, j] * experts.forward_expert(x[t:t + 1], int(idx[t, j]))[0]
+    torch.testing.assert_close(y, ref)

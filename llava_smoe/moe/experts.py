@@ -60,7 +60,9 @@ class _SiLUGLU(torch.autograd.Function):
         grad_P2F = grad_PF.new_empty(*grad_PF.shape[:-1], 2 * grad_PF.shape[-1])
         grad_gate_PF, grad_up_PF = grad_P2F.chunk(2, dim=-1)
         torch.mul(grad_PF, silu_PF, out=grad_up_PF)
-        torch.ops.aten.silu_backward.grad_input(grad_PF * up_PF, gate_PF, grad_input=grad_gate_PF)
+        # grad * up goes into the gate half, and silu's backward rewrites it there in place.
+        torch.mul(grad_PF, up_PF, out=grad_gate_PF)
+        torch.ops.aten.silu_backward.grad_input(grad_gate_PF, gate_PF, grad_input=grad_gate_PF)
         return grad_P2F
 
 
@@ -228,7 +230,8 @@ class _GatherSorted(torch.autograd.Function):
     """`x_TD[order_P // K]`: each token's K copies, in expert-sorted order.
 
     The autograd default scatter-adds the gradient back (slow and serial on CPU); the inverse
-    permutation turns it into a gather followed by a sum over each token's K copies.
+    permutation turns it into a gather that sums each token's K copies as it reads them
+    (`embedding_bag`, one pass, no [T, K, D] intermediate).
     """
 
     @staticmethod
@@ -240,8 +243,32 @@ class _GatherSorted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_PD):
         (inverse_P,) = ctx.saved_tensors
-        grad_TKD = grad_PD.index_select(0, inverse_P).view(ctx.T, ctx.K, grad_PD.shape[-1])
-        return grad_TKD.sum(1), None, None, None
+        return F.embedding_bag(inverse_P.view(ctx.T, ctx.K), grad_PD, mode="sum"), None, None, None
+
+
+class _CombineSorted(torch.autograd.Function):
+    """`out_TD[t] = sum_j weights_TK[t, j] * y_PD[inverse_P[t * K + j]]`: the weighted sum of each
+    token's K expert outputs, read from expert-sorted order in one pass (`embedding_bag` with
+    per-sample weights) instead of un-permuting into [T, K, D] and multiplying.
+
+    Backward, in sorted order: the output gradient gathered once per pair gives both the pairs'
+    gradient (times their weight) and the weights' gradient (its dot with the pair's output).
+    """
+
+    @staticmethod
+    def forward(ctx, y_PD, weights_TK, inverse_P, token_sorted_P, order_P):
+        T, K = weights_TK.shape
+        ctx.save_for_backward(y_PD, weights_TK, token_sorted_P, order_P)
+        return F.embedding_bag(inverse_P.view(T, K), y_PD, mode="sum", per_sample_weights=weights_TK)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_PD, weights_TK, token_sorted_P, order_P = ctx.saved_tensors
+        grad_PD = grad_TD.index_select(0, token_sorted_P)
+        grad_weights_P = torch.empty(order_P.shape, dtype=grad_PD.dtype, device=grad_PD.device)
+        grad_weights_P[order_P] = (grad_PD * y_PD).sum(-1)
+        grad_PD.mul_(weights_TK.reshape(-1).index_select(0, order_P).unsqueeze(-1))
+        return grad_PD, grad_weights_P.view_as(weights_TK), None, None, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -269,7 +296,7 @@ def dispatch_topk(
 
     The same sort-by-expert execution as `dispatch_pairs`, but with a fixed k per token every
     scatter becomes a gather through the inverse permutation, and the weighted sum over a
-    token's k outputs is one batched [1, k] @ [k, D] product.
+    token's k outputs is read straight from sorted order.
     """
     T, K = expert_idx_TK.shape
     expert_P = expert_idx_TK.reshape(-1)  # pair p = t * K + j
@@ -277,7 +304,7 @@ def dispatch_topk(
     inverse_P = torch.empty_like(order_P)
     inverse_P[order_P] = torch.arange(order_P.numel(), device=order_P.device)
     counts_E = torch.bincount(expert_P, minlength=experts.num_experts)
-    x_PD = _GatherSorted.apply(x_TD, torch.div(order_P, K, rounding_mode="floor"), inverse_P, K)
+    token_sorted_P = torch.div(order_P, K, rounding_mode="floor")
+    x_PD = _GatherSorted.apply(x_TD, token_sorted_P, inverse_P, K)
     y_PD = experts.forward_sorted(x_PD, counts_E, impl)
-    y_TKD = _PermuteRows.apply(y_PD, inverse_P, order_P).view(T, K, y_PD.shape[-1])
-    return torch.bmm(weights_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)
+    return _CombineSorted.apply(y_PD, weights_TK.to(y_PD.dtype), inverse_P, token_sorted_P, order_P)
