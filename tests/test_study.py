@@ -151,10 +151,12 @@ def test_study_runs_every_cell_resumes_a_killed_one_and_reports(tmp_path):
     reached = {c["variant"] for c in done_cells
                if any("eval/loss" in p and p["seconds"] <= ewc["seconds"] for p in c["metrics"]["curve"])}
     assert reached and set(ewc["variants"]) == reached
+    assert set(ewc["not_reached"]) == {"smoe", "competesmoe"} - reached  # named, not silently left out
     assert report["environment"]["code"]["commit"] and report["environment"]["versions"]["torch"]
     assert "competesmoe's eval/loss is" in report["verdicts"][0]
     md = (out / "study.md").read_text()
     assert "## At equal steps" in md and "## At equal wall-clock" in md and "| competesmoe | 2 |" in md
+    assert ("logged by then for: " in md) == bool(ewc["not_reached"])
     for name in ("curves_eval_loss.png", "final_eval_loss.png", "overhead.png"):
         width, height = _png_size(out / name)
         assert width > 200 and height > 200

@@ -77,7 +77,8 @@ def _equal_wall_clock(spec: StudySpec, cells: list[dict], variants: list[str]) -
     budget = min(sum(t) / len(t) for t in times.values() if t)
     at = {v: {s: value_at_seconds(curves[(v, s)], budget) for (vv, s) in curves if vv == v} for v in variants}
     at = {v: {s: x for s, x in seeds.items() if x is not None} for v, seeds in at.items()}
-    out: dict[str, Any] = {"metric": "eval/loss", "seconds": budget, "variants": {}, "paired": {}}
+    out: dict[str, Any] = {"metric": "eval/loss", "seconds": budget, "variants": {}, "paired": {},
+                           "not_reached": [v for v in variants if not at[v]]}
     for v in variants:
         if at[v]:
             out["variants"][v] = summarize(list(at[v].values())).to_dict()
@@ -164,6 +165,9 @@ def markdown(report: dict[str, Any]) -> str:
             diff = "baseline" if v == base else ("-" if p is None else
                                                   f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
             lines.append(f"| {v} | {_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {diff} |")
+        if ewc.get("not_reached"):
+            lines += ["", f"No {ewc['metric']} logged by then for: {', '.join(ewc['not_reached'])} (their cells evaluated "
+                          "later: set `train.eval_every` in the recipe for a curve to compare at equal wall-clock)."]
     lines += ["", "## Verdict on the primary metric", "", *[f"- {v}" for v in report["verdicts"]], ""]
     return "\n".join(lines)
 
