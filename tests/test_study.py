@@ -238,3 +238,35 @@ def test_a_shared_stage_above_its_max_loss_stops_its_seed(tmp_path):
     (out / "shared" / "s1" / "stage1" / "metrics.jsonl").write_text("")
     with pytest.raises(StudyError, match="no training loss"):
         runner.run_shared(1)
+
+
+def test_a_seeds_cells_start_while_another_seeds_shared_stages_run(tmp_path, monkeypatch):
+    """With two workers, seed 0's cells do not wait for seed 1's shared stages (seed 1's stage
+    here finishes only once a seed-0 cell has started), and a failed seed's cells are not run."""
+    import threading
+
+    from llava_smoe.study.runner import Study, StudyError
+    from llava_smoe.study.spec import load_spec
+
+    loaded, spec_dir = load_spec(write_spec(tmp_path))
+    started: list[str] = []
+    seed0_cell = threading.Event()
+
+    def run_shared(self, seed):
+        if seed == 1 and not seed0_cell.wait(timeout=60):
+            raise StudyError("no seed-0 cell started while seed 1's shared stages ran")
+        if seed == 1:
+            raise StudyError("seed 1's stage stalled")
+
+    def run_cell(self, cell, env):
+        started.append(cell.key)
+        if cell.seed == 0:
+            seed0_cell.set()
+
+    monkeypatch.setattr(Study, "run_shared", run_shared)
+    monkeypatch.setattr(Study, "run_cell", run_cell)
+    monkeypatch.setattr(Study, "check_shared", lambda self, seed: None)
+    with pytest.raises(StudyError) as err:
+        Study(loaded, spec_dir, tmp_path / "study", workers=2, log=lambda *_: None).run()
+    assert str(err.value) == "1 part(s) failed: shared s1: seed 1's stage stalled"
+    assert sorted(started) == ["competesmoe/s0", "smoe/s0"]

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,19 +273,22 @@ class Study:
         seeds = sorted({c.seed for c in todo})
         for seed in seeds:  # a bad shared stage stops the study before anything runs
             self.check_shared(seed)
-        failures: list[str] = []
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for seed, result in zip(seeds, pool.map(self._try, [self.run_shared] * len(seeds), seeds)):
-                if result:
-                    failures.append(f"shared s{seed}: {result}")
-            ready = [c for c in todo if not any(f.startswith(f"shared s{c.seed}:") for f in failures)]
-            for cell, result in zip(ready, pool.map(self._try, [self.run_cell] * len(ready), ready,
-                                                    [env] * len(ready))):
-                if result:
-                    failures.append(f"{cell.key}: {result}")
+            # The pool starts jobs in submission order: every seed's shared stages start before any
+            # cell, so a seed's cells run as soon as its own stages are done (not after every
+            # seed's), and a cell waits only on stages already running.
+            shared = {seed: pool.submit(self._try, self.run_shared, seed) for seed in seeds}
+            runs = [(cell, pool.submit(self._cell_after, shared[cell.seed], cell, env)) for cell in todo]
+            failures = [f"shared s{seed}: {job.result()}" for seed, job in shared.items() if job.result()]
+            failures += [f"{cell.key}: {job.result()}" for cell, job in runs if job.result()]
         if failures:
             raise StudyError(f"{len(failures)} part(s) failed: " + " || ".join(failures))
         return [c.record() for c in self.cells]
+
+    def _cell_after(self, shared: Future, cell: Cell, env: dict[str, Any]) -> str | None:
+        if shared.result():
+            return None  # its seed's shared stages failed: reported once, under the seed
+        return self._try(self.run_cell, cell, env)
 
     @staticmethod
     def _try(fn, *args) -> str | None:
