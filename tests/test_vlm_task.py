@@ -47,6 +47,16 @@ def write_recipe(path, task: dict, out, steps, lr=3e-3):
     return path
 
 
+def fresh_stage(world, tmp_path, data: str, steps: int):
+    """A newly assembled tiny model trained `steps` steps on `data`: its run folder."""
+    stage1 = tmp_path / "stage1"
+    train(load_recipe(write_recipe(tmp_path / "s1.yaml", {
+        "data": str(world / data), "image_folder": str(world / "images"),
+        "tokenizer": str(world / "tokenizer"), "template": "chatml", "system_prompt": "", "max_length": 96,
+        "model": tiny_model(world)}, stage1, steps=steps)))
+    return stage1
+
+
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
@@ -96,11 +106,7 @@ def test_modality_length_grouping_pads_less_and_resumes_exactly(world, tmp_path,
     from llava_smoe.data import DataCollator
 
     torch.set_num_threads(1)
-    stage1 = tmp_path / "stage1"
-    train(load_recipe(write_recipe(tmp_path / "s1.yaml", {
-        "data": str(world / "pretrain.json"), "image_folder": str(world / "images"),
-        "tokenizer": str(world / "tokenizer"), "template": "chatml", "system_prompt": "", "max_length": 96,
-        "model": tiny_model(world)}, stage1, steps=1)))
+    stage1 = fresh_stage(world, tmp_path, "pretrain.json", steps=1)
     # Multi-turn Q&A (a few text-only), and captions: lengths and modalities to group.
     task = {"data": [str(world / "instruct_train.json"), str(world / "pretrain.json")],
             "image_folder": str(world / "images"), "init_from": str(stage1 / "final"), "max_length": 96}
@@ -260,11 +266,7 @@ def test_widen_ffn_keeps_the_function_then_trains_and_reloads_wide(world, tmp_pa
     from llava_smoe.model import surgery
 
     torch.set_num_threads(1)
-    stage1 = tmp_path / "stage1"
-    train(load_recipe(write_recipe(tmp_path / "s1.yaml", {
-        "data": str(world / "instruct_train.json"), "image_folder": str(world / "images"),
-        "tokenizer": str(world / "tokenizer"), "template": "chatml", "system_prompt": "", "max_length": 96,
-        "model": tiny_model(world)}, stage1, steps=3)))
+    stage1 = fresh_stage(world, tmp_path, "instruct_train.json", steps=3)
     model, _ = load_pretrained(stage1 / "final")
     model.eval()
     ids = torch.randint(0, model.config.text_config.vocab_size - 1, (2, 7))
