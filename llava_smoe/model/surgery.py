@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from llava_smoe.config import ConfigError, dump, parse
@@ -179,8 +180,6 @@ def widen_lm_ffns(model: LlavaSmoeForConditionalGeneration, factor: int) -> None
     the saved checkpoint rebuilds it. This is the dense model with an upcycled MoE's active width
     (k x F), started from the same checkpoint as the MoE.
     """
-    import torch
-
     lm = model.language_model
     blocks = decoder_layers(lm)
     if any(isinstance(b.mlp, MoELayer) for b in blocks):

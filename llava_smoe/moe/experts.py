@@ -258,15 +258,14 @@ class _CombineSorted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_PD, weights_TK, inverse_P, token_sorted_P, order_P):
         T, K = weights_TK.shape
-        ctx.save_for_backward(y_PD, weights_TK, token_sorted_P, order_P)
+        ctx.save_for_backward(y_PD, weights_TK, inverse_P, token_sorted_P, order_P)
         return F.embedding_bag(inverse_P.view(T, K), y_PD, mode="sum", per_sample_weights=weights_TK)
 
     @staticmethod
     def backward(ctx, grad_TD):
-        y_PD, weights_TK, token_sorted_P, order_P = ctx.saved_tensors
+        y_PD, weights_TK, inverse_P, token_sorted_P, order_P = ctx.saved_tensors
         grad_PD = grad_TD.index_select(0, token_sorted_P)
-        grad_weights_P = torch.empty(order_P.shape, dtype=grad_PD.dtype, device=grad_PD.device)
-        grad_weights_P[order_P] = (grad_PD * y_PD).sum(-1)
+        grad_weights_P = (grad_PD * y_PD).sum(-1).index_select(0, inverse_P)  # back to pair order t * K + j
         grad_PD.mul_(weights_TK.reshape(-1).index_select(0, order_P).unsqueeze(-1))
         return grad_PD, grad_weights_P.view_as(weights_TK), None, None, None
 
