@@ -297,7 +297,7 @@ def dispatch_topk(
     scatter becomes a gather through the inverse permutation, and the weighted sum over a
     token's k outputs is read straight from sorted order.
     """
-    T, K = expert_idx_TK.shape
+    K = expert_idx_TK.shape[1]
     expert_P = expert_idx_TK.reshape(-1)  # pair p = t * K + j
     order_P = torch.argsort(expert_P, stable=True)
     inverse_P = torch.empty_like(order_P)
