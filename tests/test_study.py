@@ -171,6 +171,18 @@ def test_study_runs_every_cell_resumes_a_killed_one_and_reports(tmp_path):
     allowed = study(changed, out, "--allow-mixed", env=env)
     assert allowed.returncode == 0 and "warning: mixing provenance: smoe/s0" in allowed.stdout
 
+    # Cells run from other code (a study resumed with --allow-mixed) are named with their commit.
+    from llava_smoe.study.report import aggregate, markdown
+    from llava_smoe.study.spec import load_spec
+
+    records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/cell.json"))]
+    assert [len(e["cells"]) for e in aggregate(load_spec(spec)[0], records)["environments"]] == [4]
+    other = next(r for r in records if r["variant"] == "smoe" and r["seed"] == 1)
+    other["provenance"]["code"] = {"commit": "f" * 40, "uncommitted": None}
+    mixed = aggregate(load_spec(spec)[0], records)
+    assert {e["code"]["commit"]: e["cells"] for e in mixed["environments"]}["f" * 40] == ["smoe/s1"]
+    assert "**The cells ran in 2 environments:**" in markdown(mixed) and f"code {'f' * 12}; " in markdown(mixed)
+
 
 def test_spec_errors_name_the_key(tmp_path):
     from llava_smoe.cli import main

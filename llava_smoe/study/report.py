@@ -37,7 +37,8 @@ def aggregate(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str, Any]:
         "name": spec.name, "recipe": spec.recipe, "seeds": spec.seeds, "baseline": base,
         "primary": {"name": spec.primary.name, "goal": spec.primary.goal}, "secondary": spec.secondary,
         "min_tokens": spec.min_tokens, "under_budget": under,
-        "environment": {k: v for k, v in cells[0]["provenance"].items() if k != "config"} if cells else {},
+        "environment": _environment(cells[0]) if cells else {},
+        "environments": _environments(cells),
         "cells": [{"variant": c["variant"], "seed": c["seed"],
                    "metrics": {k: v for k, v in c["metrics"].items() if k != "curve"}} for c in cells],
         "variants": {}, "paired": {}, "overhead": {},
@@ -66,6 +67,28 @@ def aggregate(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str, Any]:
     report["equal_wall_clock"] = _equal_wall_clock(spec, cells, variants)
     report["verdicts"] = verdicts(report)
     return report
+
+
+def _environment(cell: dict) -> dict[str, Any]:
+    return {k: v for k, v in cell["provenance"].items() if k != "config"}
+
+
+def _environments(cells: list[dict]) -> list[dict[str, Any]]:
+    """Each distinct environment (code, packages, device) the cells ran in, with its cells: more
+    than one when a resumed study was allowed to mix them."""
+    groups: dict[str, dict[str, Any]] = {}
+    for c in cells:
+        env = _environment(c)
+        group = groups.setdefault(json.dumps(env, sort_keys=True), {**env, "cells": []})
+        group["cells"].append(f"{c['variant']}/s{c['seed']}")
+    return list(groups.values())
+
+
+def _describe_environment(env: dict[str, Any]) -> str:
+    code = env.get("code") or {}
+    commit = (code.get("commit") or "?")[:12] + (f" + uncommitted {code['uncommitted']}" if code.get("uncommitted") else "")
+    return (f"{env.get('device', '?')}, {env.get('cores', '?')} cores; code {commit}; "
+            + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v))
 
 
 def _equal_wall_clock(spec: StudySpec, cells: list[dict], variants: list[str]) -> dict[str, Any] | None:
@@ -126,9 +149,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Study: {report['name']}", "",
              f"Recipe `{report['recipe']}`, seeds {report['seeds']}, baseline `{base}`, primary metric "
              f"`{name}` ({report['primary']['goal']}), declared before running.",
-             f"Machine: {env.get('device', '?')}, {env.get('cores', '?')} cores; "
-             f"code {((env.get('code') or {}).get('commit') or '?')[:12]}; "
-             + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v), ""]
+             f"Machine: {_describe_environment(env)}", ""]
+    environments = report.get("environments", [])
+    if len(environments) > 1:  # a resumed study allowed to mix: say which cells ran where
+        lines += [f"**The cells ran in {len(environments)} environments:**", ""]
+        lines += [f"- {_describe_environment(e)}: {', '.join(e['cells'])}" for e in environments] + [""]
     if report["under_budget"]:
         lines += [f"**Under the token budget ({report['min_tokens']:,}):** " + ", ".join(report["under_budget"]), ""]
     metrics = [name, *[m for m in report["secondary"] if m != name]]
