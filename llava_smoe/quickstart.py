@@ -12,7 +12,8 @@ printed at the end.
 With `--train FILE --test FILE --image-folder DIR` the same stages run on a LLaVA-format
 dataset of yours: a byte-level BPE is trained on its text by the LM stage and used by every
 stage; captions (`--captions`) are optional: without them each image's questions and answers,
-joined, stand in for its caption.
+joined, stand in for its caption (`--tower answers` pretrains the tower to answer the training
+questions instead, `clip.objective: answers`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,19 @@ NUM_TRAIN_IMAGES = 8000  # distinct layouts: fewer and the tiny model memorises 
 # ~2,000 test questions: the standard error of the accuracy is ~0.007 (~0.015 with the generator's
 # default 200 images), small enough to compare routers on one run each.
 NUM_TEST_IMAGES = 1000
+AUGMENTS = ("none", "shift", "shift+flip")
+# The answers objective on a few thousand questions: ~60 epochs of 128, where the contrastive
+# tower's 500 steps are ~8 of the shapes world's 8,000 captions.
+ANSWER_TOWER_STEPS = 1500
 
 
 @dataclass
 class PipelineData:
     """What the stages read. tokenizer None: the LM stage trains a BPE on `text` and every later
     stage uses it. text None: written from the captions and Q&A. captions None: each image's
-    questions and answers, joined."""
+    questions and answers, joined. tower_objective: the tower stage's `clip.objective`
+    ("answers": it learns to answer the questions of `train`).
+    augment: every image stage's training-time augmentation ("none", "shift", "shift+flip")."""
 
     train: Path
     test: Path
@@ -49,6 +56,8 @@ class PipelineData:
     text: Path | None = None
     image_size: int = IMAGE_SIZE
     patch_size: int = 16
+    tower_objective: str = "contrastive"
+    augment: str = "none"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument("--image-folder", help="the folder the records' image paths are relative to")
     own.add_argument("--image-size", type=int, default=IMAGE_SIZE,
                      help=f"side the tower sees images at, a multiple of 16 (default: {IMAGE_SIZE})")
+    own.add_argument("--tower", choices=("contrastive", "answers"), default="contrastive",
+                     help="how the tower is pretrained: contrastively on the captions, or to answer the "
+                          f"training questions ({ANSWER_TOWER_STEPS} steps; for data without captions)")
+    own.add_argument("--augment", choices=AUGMENTS, default="none",
+                     help="training-time image augmentation in every image stage: random shifts of up to 1/8 "
+                          "of the side, and mirroring; only for data whose text never says where things are "
+                          "(default: none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,11 +103,17 @@ def run(args: argparse.Namespace) -> int:
     own = [args.train, args.test, args.image_folder]
     if any(own) and not all(own):
         raise ConfigError("your own data needs --train, --test and --image-folder together")
+    if args.augment != "none" and not args.train:
+        raise ConfigError("applies to your own data (--train): the shapes world's questions ask where things are",
+                          ("--augment",))
+    if args.tower != "contrastive" and not args.train:
+        raise ConfigError("applies to your own data (--train)", ("--tower",))
     data = None
     if args.train:
         data = PipelineData(train=Path(args.train), test=Path(args.test), images=Path(args.image_folder),
                             val=Path(args.val) if args.val else None,
-                            captions=Path(args.captions) if args.captions else None, image_size=args.image_size)
+                            captions=Path(args.captions) if args.captions else None, image_size=args.image_size,
+                            tower_objective=args.tower, augment=args.augment)
     try:
         summary = run_quickstart(Path(args.out), Path(args.data), Path(args.recipes), args.router, args.seed,
                                  progress=not args.no_progress, num_train=args.num_train, overrides=args.overrides,
@@ -166,6 +188,12 @@ def _prepare(data: PipelineData, out: Path) -> PipelineData:
     return data
 
 
+def _augment_overrides(task: str, data: PipelineData) -> list[str]:
+    if data.augment == "none":
+        return []
+    return [f"{task}.augment.shift={data.image_size // 8}", f"{task}.augment.hflip={data.augment == 'shift+flip'}"]
+
+
 def _stage_overrides(stage: str, out: Path, data: PipelineData, router: str, seed: int, progress: bool) -> list[str]:
     o = str(out)
     tokenizer = str(data.tokenizer or out / "lm" / "final")
@@ -173,10 +201,15 @@ def _stage_overrides(stage: str, out: Path, data: PipelineData, router: str, see
     if stage == "lm":
         return common + [f"lm.data=[{data.text}]", f"lm.tokenizer={data.tokenizer or 'null'}", f"lm.cache_dir={o}/cache"]
     if stage == "vision":
-        return common + [f"clip.data={data.captions}", f"clip.image_folder={data.images}", f"clip.tokenizer={tokenizer}",
-                         f"clip.model.vision_config.image_size={data.image_size}",
-                         f"clip.model.vision_config.patch_size={data.patch_size}"]
-    paths = [f"vlm.image_folder={data.images}"]
+        tower = [f"clip.image_folder={data.images}", f"clip.tokenizer={tokenizer}",
+                 f"clip.model.vision_config.image_size={data.image_size}",
+                 f"clip.model.vision_config.patch_size={data.patch_size}",
+                 *_augment_overrides("clip", data)]
+        if data.tower_objective == "answers":  # text-only training records are counted and skipped
+            return common + tower + [f"clip.data={data.train}", "clip.objective=answers", "clip.on_bad_sample=skip",
+                                     f"train.max_steps={ANSWER_TOWER_STEPS}"]
+        return common + tower + [f"clip.data={data.captions}"]
+    paths = [f"vlm.image_folder={data.images}", *_augment_overrides("vlm", data)]
     if stage == "pretrain":
         return common + paths + [f"vlm.data={data.captions}", f"vlm.tokenizer={tokenizer}",
                                  f"vlm.model.vision.name_or_path={o}/vision/final",

@@ -139,3 +139,68 @@ def test_clip_config_errors(world, tmp_path):
         build(max_length=77)
     with pytest.raises(ConfigError, match="clip.tokenizer"):
         build(tokenizer=str(tmp_path / "missing"))
+
+
+def test_answers_objective_learns_every_turn_and_exports_the_tower(world, tmp_path):
+    torch.set_num_threads(1)
+    records = json.loads((world / "instruct_val.json").read_text())
+    records[0]["conversations"][1]["value"] = "purple"  # no training answer says this
+    (tmp_path / "val.json").write_text(json.dumps(records))
+    out = tmp_path / "answers"
+    run = clip_recipe(tmp_path / "answers.yaml", world, out, steps=40, objective="answers",
+                      data=str(world / "instruct_train.json"), eval_data=str(tmp_path / "val.json"),
+                      augment={"shift": 4, "hflip": True}, on_bad_sample="skip")
+    parts = get_task("clip").build(run)
+    train_records = json.loads((world / "instruct_train.json").read_text())
+    batch = parts.collate_fn([parts.train_dataset[i] for i in range(3)])
+    turns = [len(r["conversations"]) // 2 for r in train_records[:3]]
+    assert batch["image_index"].tolist() == [b for b, n in enumerate(turns) for _ in range(n)]  # every turn pair
+    answers = sorted({t["value"] for r in train_records for t in r["conversations"][1::2]})
+    first = train_records[0]["conversations"][1]["value"]
+    assert batch["answer_ids"][0].item() == answers.index(first)
+
+    result = train(run)
+    assert result.status == "completed"
+    seen = losses(out)
+    assert sum(seen[-5:]) / 5 < 0.6 * math.log(len(answers)), seen  # chance is log(#answers)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
+    assert evals[-1]["eval/skipped/unknown_answer"] == 1  # the eval record outside the answers, counted
+    final = out / "final"
+    trained = load_file(final / "model.safetensors")
+    assert not any("head" in k for k in trained)  # the answer head is not part of the tower
+    tower = build_vision_tower({"backend": "hf", "name_or_path": str(final), "feature_layer": -2})
+    for name, value in tower.model.state_dict().items():
+        assert torch.equal(value, trained[f"vision_model.{name}"]), name
+
+
+def test_augment_shifts_and_mirrors_only_in_training(world, tmp_path):
+    from llava_smoe.data.augment import AugmentConfig, augment
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float).view(2, 3, 8, 8)
+    assert torch.equal(augment(x, AugmentConfig()), x)
+    torch.manual_seed(0)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    crops = [padded[..., dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]  # crops[12]: no shift
+    shifted = [augment(x, AugmentConfig(shift=2)) for _ in range(20)]
+    drawn = [next(k for k, c in enumerate(crops) if torch.equal(y, c)) for y in shifted]  # each a crop, or StopIteration
+    assert len(set(drawn)) > 5
+    flipped = augment(x, AugmentConfig(hflip=True))
+    assert all(torch.equal(f, i) or torch.equal(f, i.flip(-1)) for f, i in zip(flipped, x))
+    torch.manual_seed(0)
+    many = augment(x.repeat(32, 1, 1, 1), AugmentConfig(hflip=True))
+    mirrored = sum(torch.equal(f, i.flip(-1)) for f, i in zip(many, x.repeat(32, 1, 1, 1)))
+    assert 8 < mirrored < 56  # about half
+
+    # The contrastive objective augments in training mode only: eval sees the images as they are.
+    def loss(mode: str, **task):
+        torch.manual_seed(0)  # the same weights for every build
+        parts = get_task("clip").build(clip_recipe(tmp_path / "c.yaml", world, tmp_path / "o", steps=1, **task))
+        batch = parts.collate_fn([parts.train_dataset[i] for i in range(8)])
+        batch.pop("skipped")
+        torch.manual_seed(1)
+        model = parts.model.train(mode == "train")
+        with torch.no_grad():
+            return model(**batch).loss.item()
+
+    assert loss("train") == pytest.approx(loss("eval"), abs=1e-6)  # no augmentation: the same
+    assert loss("train", augment={"hflip": True}) != pytest.approx(loss("eval", augment={"hflip": True}), abs=1e-6)

@@ -54,7 +54,8 @@ def test_quickstart_chains_every_tiny_stage(tmp_path):
 @pytest.mark.slow
 def test_quickstart_runs_every_stage_on_your_own_data(tmp_path):
     """A LLaVA dataset without captions or tokenizer: the LM stage trains a BPE on its text that
-    every later stage uses, and each image's questions stand in for its caption."""
+    every later stage uses, each image's questions stand in for its caption, and (`--tower
+    answers`) the tower learns to answer the training questions."""
     from llava_smoe.data.worlds import WorldConfig, generate_world
     from llava_smoe.quickstart import PipelineData
 
@@ -62,7 +63,8 @@ def test_quickstart_runs_every_stage_on_your_own_data(tmp_path):
     data = tmp_path / "mine"
     generate_world(WorldConfig(world="single", seed=0, num_train=48, num_val=8, num_test=24), data)
     own = PipelineData(train=data / "instruct_train.json", test=data / "instruct_test.json", images=data / "images",
-                       val=data / "instruct_val.json", image_size=64)
+                       val=data / "instruct_val.json", image_size=64, tower_objective="answers",
+                       augment="shift+flip")
     out = tmp_path / "out"
     summary = run_quickstart(out, tmp_path / "unused", RECIPES, router="smoe", progress=False, own_data=own,
                              overrides=["train.max_steps=2", "train.micro_batch_size=8"])
@@ -72,6 +74,13 @@ def test_quickstart_runs_every_stage_on_your_own_data(tmp_path):
     question, answer = first["conversations"][0]["value"].removeprefix("<image>\n"), first["conversations"][1]["value"]
     assert len(captions) == 48 and captions[first["image"]] == f"{question} {answer}"
     assert (out / "lm" / "final" / "tokenizer.json").is_file()
+    import yaml
+
+    tower = yaml.safe_load((out / "vision" / "run_config.yaml").read_text())["clip"]
+    assert tower["objective"] == "answers" and tower["data"] == str(data / "instruct_train.json")
+    assert tower["augment"] == {"shift": 8, "hflip": True}  # 1/8 of the 64 px side
+    for stage in ("pretrain", "finetune_moe"):  # every image stage
+        assert yaml.safe_load((out / stage / "run_config.yaml").read_text())["vlm"]["augment"] == tower["augment"]
     final = out / "finetune_moe" / "final"
     trained, used = (json.loads((f / "tokenizer.json").read_text())["model"] for f in (out / "lm" / "final", final))
     assert trained["vocab"] == used["vocab"] and trained["merges"] == used["merges"]  # the LM stage's BPE
@@ -90,6 +99,8 @@ def test_own_data_errors_are_one_line(tmp_path, capsys):
     assert main(["quickstart", "--train", str(tmp_path / "t.json"), "--test", str(tmp_path / "t.json"),
                  "--image-folder", str(tmp_path / "images"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --train {tmp_path / 't.json'} does not exist"
+    assert main(["quickstart", "--augment", "shift", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --augment: applies to your own data (--train)")
 
 
 @pytest.mark.slow

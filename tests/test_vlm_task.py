@@ -299,3 +299,29 @@ def test_widen_ffn_bad_settings_name_the_key(world, tmp_path, task, reason):
     with pytest.raises(ConfigError, match=reason) as err:
         load_recipe(recipe)
     assert "vlm.widen_ffn" in str(err.value)
+
+
+def test_augment_changes_training_batches_only(world, tmp_path):
+    """vlm.augment mirrors the training images; evaluation (and the exported model) sees them as
+    they are."""
+    from llava_smoe.training.tasks import get_task
+
+    def loss(mode: str, **task):
+        recipe = write_recipe(tmp_path / "a.yaml", {
+            "data": str(world / "instruct_train.json"), "image_folder": str(world / "images"),
+            "tokenizer": str(world / "tokenizer"), "template": "chatml", "max_length": 96,
+            "model": tiny_model(world), **task}, tmp_path / "out", steps=1)
+        torch.manual_seed(0)  # the same weights for every build
+        parts = get_task("vlm").build(load_recipe(recipe))
+        batch = parts.collate_fn([parts.train_dataset[i] for i in range(8)])
+        batch.pop("skipped")
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return parts.model.train(mode == "train")(**batch).loss.item()
+
+    torch.set_num_threads(1)
+    assert loss("train") == pytest.approx(loss("eval"), abs=1e-6)
+    assert loss("train", augment={"hflip": True}) != pytest.approx(loss("eval", augment={"hflip": True}), abs=1e-6)
+    assert loss("eval", augment={"hflip": True}) == pytest.approx(loss("eval"), abs=1e-6)
+    with pytest.raises(ConfigError, match="vlm.augment.shift"):
+        loss("train", augment={"shift": -1})

@@ -20,6 +20,7 @@ from torch.utils.data import ConcatDataset
 
 from llava_smoe.config import Config, ConfigError, invalid
 from llava_smoe.data import DataCollator, DataConfig, LlavaDataset
+from llava_smoe.data.augment import AugmentConfig, augment_in_training
 from llava_smoe.model.configuration import MoEPlacement, VLMConfig
 from llava_smoe.moe import MoEConfig
 from llava_smoe.processing.images import ImageMode
@@ -51,6 +52,8 @@ class VLMTaskConfig(Config):
     on_bad_sample: "error" stops at the first bad record; "skip" drops and counts them.
     cache_samples: keep built samples (tokens, preprocessed images) in memory after their first
         use, for data that fits in RAM (the shapes world); later epochs skip decoding.
+    augment: training-time image augmentation (random shifts, mirroring; llava_smoe.data.augment),
+        off by default: it changes what an image says about where things are.
     """
 
     data: str | list[str]
@@ -70,6 +73,7 @@ class VLMTaskConfig(Config):
     mot_to_token_choice: str | None = None
     vision_freeze: bool | None = None
     cache_samples: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
         if (self.model is None) == (self.init_from is None):
@@ -197,6 +201,7 @@ def build_vlm(config: VLMTaskConfig, run) -> TaskParts:
     model, processor = assemble(config)
     if config.vision_freeze is not None:
         model.set_vision_freeze(config.vision_freeze)
+    augment_in_training(model, config.augment)
 
     def dataset(path: str) -> LlavaDataset:
         return LlavaDataset(DataConfig(path, config.image_folder, config.max_length, config.on_bad_sample,
