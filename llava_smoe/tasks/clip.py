@@ -41,7 +41,7 @@ from torch.utils.data import ConcatDataset
 
 from llava_smoe.config import Config, ConfigError, invalid
 from llava_smoe.data import DataCollator, DataConfig, LlavaDataset
-from llava_smoe.data.augment import AugmentConfig, augment, augment_in_training
+from llava_smoe.data.augment import AugmentConfig, augment_in_training
 from llava_smoe.data.dataset import SkippedSample
 from llava_smoe.data.records import BadSampleError, BadSamplePolicy
 from llava_smoe.model.vision import (  # a new tower can use its family's constants
@@ -147,13 +147,8 @@ class AnswerCollator:
 
     def __call__(self, samples: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
         kept = [s for s in samples if not isinstance(s, SkippedSample)]
-        questions = [q for s in kept for q in s["questions"]]
-        longest = max((q.numel() for q in questions), default=0)
-        input_ids = torch.full((len(questions), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, q in enumerate(questions):
-            input_ids[row, :q.numel()], attention_mask[row, :q.numel()] = q, 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
+        text = DataCollator(self.pad_token_id)([{"input_ids": q} for s in kept for q in s["questions"]])
+        return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
                 "pixel_values": torch.stack([s["image"] for s in kept]),
                 "image_index": torch.tensor([b for b, s in enumerate(kept) for _ in s["questions"]], dtype=torch.long),
                 "answer_ids": torch.tensor([a for s in kept for a in s["answer_ids"]], dtype=torch.long),
@@ -164,17 +159,15 @@ class AnswerTower(nn.Module):
     """A CLIP model trained to answer: its text half reads a question, and an MLP over that and
     every token of the vision half (flattened, so where things are survives) scores the answers."""
 
-    def __init__(self, clip: nn.Module, num_answers: int, width: int, augment_config: AugmentConfig):
+    def __init__(self, clip: nn.Module, num_answers: int, width: int):
         super().__init__()
-        self.clip, self.augment_config = clip, augment_config
+        self.clip = clip
         vision, text = clip.config.vision_config, clip.config.text_config
         tokens = (vision.image_size // vision.patch_size) ** 2 + 1
         self.head = nn.Sequential(nn.Linear(tokens * vision.hidden_size + text.hidden_size, width), nn.GELU(),
                                   nn.Linear(width, num_answers))
 
     def forward(self, input_ids, attention_mask, pixel_values, image_index, answer_ids):
-        if self.training:
-            pixel_values = augment(pixel_values, self.augment_config)
         image_NTH = self.clip.vision_model(pixel_values=pixel_values).last_hidden_state
         question_QH = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         logits_QA = self.head(torch.cat([image_NTH.flatten(1)[image_index], question_QH], dim=-1))
@@ -244,11 +237,11 @@ def build_clip(config: ClipTaskConfig, run) -> TaskParts:
             raise ConfigError(f"{paths}: no record has a question and an answer", ("data",))
         for part in [*parts, *([eval_dataset] if eval_dataset else [])]:
             part.answers = {a: k for k, a in enumerate(vocabulary)}
-        model = AnswerTower(model, len(vocabulary), config.answer_head_width, config.augment)
+        model = AnswerTower(model, len(vocabulary), config.answer_head_width)
         collate_fn = AnswerCollator(processor.pad_token_id)
     else:
-        augment_in_training(model, config.augment)
         collate_fn = DataCollator(processor.pad_token_id, model_kwargs={"return_loss": True})
+    augment_in_training(model, config.augment)
 
     def export_fn(m: torch.nn.Module, out_dir: Path) -> None:
         from transformers import CLIPImageProcessor

@@ -224,7 +224,6 @@ class Trainer:
         self._moe_layers = [layer for _, layer in moe_layers(self.module)]  # found once, not per forward
         self.phases: PhaseTimes | None = None
         self.skipped_samples: Counter[str] = Counter()  # by reason, this process, since start
-        self.eval_skipped: Counter[str] = Counter()  # by reason, this process, the last evaluation
 
     def _phase(self, name: str):
         return self.phases(name) if self.phases is not None else nullcontext()
@@ -344,7 +343,7 @@ class Trainer:
             if status != "completed":
                 break
             if self.eval_loader is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                logger.log({"step": step, **self._eval_record()})
+                logger.log({"step": step, **self.evaluate()})
                 interval.restart_clock()
             if cfg.save_every and step % cfg.save_every == 0:
                 last_saved = self._save()
@@ -360,7 +359,7 @@ class Trainer:
             if not _is_checkpoint_of(last_saved, state.step):
                 result.checkpoint = self._save()
             if self.eval_loader is not None and (not cfg.eval_every or state.step % cfg.eval_every):
-                logger.log({"step": state.step, **self._eval_record()})
+                logger.log({"step": state.step, **self.evaluate()})
             if self.parts.export_fn is not None:
                 result.export_dir = self.output_dir / "final"
                 self.backend.export(self.parts.export_fn, result.export_dir)
@@ -429,19 +428,16 @@ class Trainer:
         return host[0], aux_vals, int(host[n]), int(host[n + 1]), (host[n + 2] if grad_norm is not None else None)
 
     @torch.no_grad()
-    def _eval_record(self) -> dict[str, float]:
-        loss = self.evaluate()
-        return {"eval/loss": loss, **{f"eval/skipped/{k}": v for k, v in self.eval_skipped.items()}}
-
-    def evaluate(self) -> float:
-        """Mean LM loss over the eval set (all ranks); eval routing is kept out of training stats.
-        Samples a data policy dropped are counted in `eval_skipped` (this process, last pass)."""
+    def evaluate(self) -> dict[str, float]:
+        """The eval record: mean LM loss over the eval set (all ranks), `eval/loss`, and the samples
+        a data policy dropped, by reason (this process), `eval/skipped/<reason>`; eval routing is
+        kept out of training stats."""
         self.module.eval()
         totals = torch.zeros(2, device=self.dist.device)
-        self.eval_skipped = Counter()
+        skipped: Counter[str] = Counter()
         for batch in self.eval_loader:
             if isinstance(batch, dict) and "skipped" in batch:
-                self.eval_skipped.update(batch.pop("skipped"))
+                skipped.update(batch.pop("skipped"))
             out = self.backend.forward(to_device(batch, self.dist.device))
             collect_aux_losses(self._moe_layers)
             totals += torch.stack([out.loss.detach().float(), torch.ones((), device=totals.device)])
@@ -449,7 +445,8 @@ class Trainer:
             dist.all_reduce(totals)
         routing_stats(self.module, reset=True)
         self.module.train()
-        return (totals[0] / totals[1].clamp(min=1)).item()
+        return {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item(),
+                **{f"eval/skipped/{k}": v for k, v in skipped.items()}}
 
     def _save(self) -> Path:
         return save_checkpoint(checkpoint_root(self.output_dir), self.state, self.backend, self.dist,
