@@ -147,3 +147,16 @@ def test_deepspeed_skips_nonfinite_step_like_torch(tmp_path, stage):
     records = [json.loads(line) for line in (outs[stage] / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite"] for r in records] == [0, 1, 1, 1] and "loss" not in records[1]
     assert losses(outs[stage]) == pytest.approx(losses(outs["torch"]), abs=1e-5)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_competesmoe_trains_on_two_processes(tmp_path, backend):
+    """On a competition step the router is reached only through its distillation loss, an aux loss:
+    data parallelism must see it as used (DDP looking for unused parameters otherwise finds the
+    router unused, then receives its gradient, and stops)."""
+    competition_every_step = ["toy.moe.router=competesmoe", "toy.moe.router_options.competition_prob=1.0",
+                              "toy.moe.router_options.warmup_fraction=0.0"]
+    out = train(tmp_path, "two", 2, *BACKENDS[backend], *competition_every_step)
+    assert len(losses(out)) == 4
+    assert all(d > 0 for d in losses(out, "aux/distill"))
+    assert (out / "final" / "model.safetensors").is_file()

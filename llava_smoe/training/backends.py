@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from llava_smoe.moe import collect_aux_losses
 from llava_smoe.training.config import TrainConfig
 from llava_smoe.training.distributed import DistInfo
 
@@ -40,6 +41,21 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     return model(**batch) if isinstance(batch, Mapping) else model(batch)
 
 
+class ForwardWithAux(nn.Module):
+    """The model's forward, returning `(output, aux losses)`. The aux losses have to come out of
+    the forward that DDP wraps: on a CompeteSMoE competition step the router is reached only
+    through its distillation loss, and DDP, looking for unused parameters from the outputs alone,
+    would mark it unused and then fail when its gradient arrives."""
+
+    def __init__(self, model: nn.Module, moe_layers: list[nn.Module]):
+        super().__init__()
+        self.model = model
+        self._moe_layers = moe_layers  # a plain list: not registered twice
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        return self.model(*args, **kwargs), collect_aux_losses(self._moe_layers)
+
+
 class Backend(Protocol):
     module: nn.Module  # the bare model (no wrapper), for MoE hooks and export
 
@@ -47,7 +63,7 @@ class Backend(Protocol):
     def param_groups(self) -> list[dict]: ...  # the schedule writes group["lr"] here
 
     def accumulation(self, is_boundary: bool) -> contextlib.AbstractContextManager: ...
-    def forward(self, batch: Any) -> Any: ...
+    def forward(self, batch: Any) -> tuple[Any, dict[str, torch.Tensor]]: ...  # output, aux losses
     def backward(self, loss: torch.Tensor, is_boundary: bool) -> None: ...  # loss already scaled for accumulation
     def grad_norm_before_step(self) -> torch.Tensor | None: ...  # clips when the back end clips here
     def step(self) -> torch.Tensor | float | None: ...  # applies the update; the grad norm if known
@@ -63,22 +79,22 @@ class TorchBackend:
     their gradients reduced by it (see `llava_smoe.training.expert_parallel`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, dist_info: DistInfo,
-                 find_unused_parameters: bool, expert_parallel: ExpertParallel | None = None):
+                 moe_layers: list[nn.Module], expert_parallel: ExpertParallel | None = None):
         self.module = model
         self.optimizer = optimizer
         self.train = train
         self.dist = dist_info
         self.expert_parallel = expert_parallel
-        self.wrapped: nn.Module = model
+        self.wrapped: nn.Module = ForwardWithAux(model, moe_layers)
         if dist_info.world_size > 1:
             if expert_parallel is not None:
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    model, expert_parallel.expert_names)
+                    self.wrapped, [f"model.{name}" for name in expert_parallel.expert_names])
             # Experts that receive no token on a rank produce no gradient: DDP must look for them.
             self.wrapped = nn.parallel.DistributedDataParallel(
-                model,
+                self.wrapped,
                 device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
-                find_unused_parameters=find_unused_parameters,
+                find_unused_parameters=bool(moe_layers),
             )
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -91,7 +107,7 @@ class TorchBackend:
             return contextlib.nullcontext()
         return self.wrapped.no_sync()  # all-reduce once per optimizer step, not per micro-batch
 
-    def forward(self, batch: Any) -> Any:
+    def forward(self, batch: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.train.precision == "bf16"):
             return call_model(self.wrapped, batch)
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llava_smoe.config import ConfigError
-from llava_smoe.moe import MoELayer, moe_layers
+from llava_smoe.moe import MoELayer, collect_aux_losses
 from llava_smoe.training.backends import MODEL_FILE, call_model
 from llava_smoe.training.config import TrainConfig
 from llava_smoe.training.distributed import DistInfo
@@ -87,13 +87,15 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class DeepSpeedBackend:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, dist_info: DistInfo):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, dist_info: DistInfo,
+                 moe_layers: list[nn.Module]):
         self.module = model
+        self._moe_layers = moe_layers
         self.train = train
         self.dist = dist_info
         config = fill_deepspeed_config(train.deepspeed_config, train, dist_info.world_size)
         self.stage = int(config.get("zero_optimization", {}).get("stage", 0))
-        if self.stage == 3 and moe_layers(model):
+        if self.stage == 3 and moe_layers:
             # Whole MoE blocks are gathered at once, so a rank whose tokens skip an expert
             # still joins that expert's all-gathers instead of hanging the others.
             set_z3_leaf_modules(model, [MoELayer])
@@ -106,8 +108,8 @@ class DeepSpeedBackend:
     def accumulation(self, is_boundary: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the engine knows the boundary from its micro-step count
 
-    def forward(self, batch: Any) -> Any:
-        return call_model(self.engine, batch)
+    def forward(self, batch: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        return call_model(self.engine, batch), collect_aux_losses(self._moe_layers)
 
     def backward(self, loss: torch.Tensor, is_boundary: bool) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer scaled it for the accumulation

@@ -36,7 +36,6 @@ from llava_smoe.config import ConfigError
 from llava_smoe.data import ModalityLengthGroupedSampler
 from llava_smoe.moe import (
     aux_loss_names,
-    collect_aux_losses,
     configure_moe_schedule,
     moe_layers,
     moe_optimizer_step,
@@ -207,7 +206,8 @@ class Trainer:
 
         # Before any checkpoint is loaded: restored buffers must win over the schedule's set-up.
         configure_moe_schedule(model, self.total_steps)
-        self.backend: Backend = self._build_backend(model, optimizer, bool(moe_layers(model)))
+        self._moe_layers = [layer for _, layer in moe_layers(model)]  # found once, not per forward
+        self.backend: Backend = self._build_backend(model, optimizer)
         self.module = self.backend.module
         self.schedule = WarmupCosineSchedule(self.total_steps, run.optim.warmup_ratio, run.optim.schedule,
                                              run.optim.min_lr_ratio)
@@ -221,7 +221,6 @@ class Trainer:
         # Fixed for the run so every step (and rank) reduces the same vector; a step may
         # produce fewer (CompeteSMoE's competition losses exist only on competition steps).
         self._aux_names = aux_loss_names(self.module)
-        self._moe_layers = [layer for _, layer in moe_layers(self.module)]  # found once, not per forward
         self.phases: PhaseTimes | None = None
         self.skipped_samples: Counter[str] = Counter()  # by reason, this process, since start
 
@@ -241,12 +240,12 @@ class Trainer:
         return ModalityLengthGroupedSampler(lengths, has_image, cfg.micro_batch_size, seed=cfg.seed,
                                             num_replicas=d.world_size, rank=d.rank)
 
-    def _build_backend(self, model, optimizer, has_moe: bool) -> Backend:
+    def _build_backend(self, model, optimizer) -> Backend:
         if self.cfg.backend == "deepspeed":
             from llava_smoe.training.deepspeed_backend import DeepSpeedBackend
 
-            return DeepSpeedBackend(model, optimizer, self.cfg, self.dist)
-        return TorchBackend(model, optimizer, self.cfg, self.dist, find_unused_parameters=has_moe,
+            return DeepSpeedBackend(model, optimizer, self.cfg, self.dist, self._moe_layers)
+        return TorchBackend(model, optimizer, self.cfg, self.dist, self._moe_layers,
                             expert_parallel=self.expert_parallel)
 
     def _load(self, ckpt: Path) -> None:
@@ -399,9 +398,8 @@ class Trainer:
             boundary = i == ga - 1
             with self.backend.accumulation(boundary):
                 with self._phase("forward"):
-                    out = self.backend.forward(batch)
+                    out, aux = self.backend.forward(batch)
                 with self._phase("aux"):
-                    aux = collect_aux_losses(self._moe_layers)
                     undeclared = set(aux) - set(self._aux_names)
                     if undeclared:
                         raise RuntimeError(f"MoE layers returned undeclared aux losses {sorted(undeclared)}; "
@@ -438,8 +436,7 @@ class Trainer:
         for batch in self.eval_loader:
             if isinstance(batch, dict) and "skipped" in batch:
                 skipped.update(batch.pop("skipped"))
-            out = self.backend.forward(to_device(batch, self.dist.device))
-            collect_aux_losses(self._moe_layers)
+            out, _ = self.backend.forward(to_device(batch, self.dist.device))
             totals += torch.stack([out.loss.detach().float(), torch.ones((), device=totals.device)])
         if self.dist.enabled and self.dist.world_size > 1:
             dist.all_reduce(totals)
