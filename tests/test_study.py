@@ -204,12 +204,36 @@ def test_spec_errors_name_the_key(tmp_path):
     assert main(["study", str(spec), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
 
 
+def test_a_spec_extends_another_in_its_folder(tmp_path):
+    from llava_smoe.config import ConfigError
+    from llava_smoe.study.spec import load_spec
+
+    base = write_spec(tmp_path)
+    data = yaml.safe_load(base.read_text())
+    base.write_text(yaml.safe_dump({**data, "overrides": ["train.max_steps=8"]}))
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(yaml.safe_dump({"extends": "spec.yaml", "name": "longer", "seeds": [3],
+                                      "overrides": ["train.max_steps=16"]}))
+    spec, spec_dir = load_spec(longer)
+    assert (spec.name, spec.seeds, spec_dir) == ("longer", [3], tmp_path)
+    assert spec.overrides == ["train.max_steps=8", "train.max_steps=16"]  # the base's first: the later wins
+    assert spec.variants == data["variants"] and spec.baseline == "smoe" and spec.min_tokens == 1000
+
+    for extends, message in (("../spec.yaml", "extends: '../spec.yaml': name a spec file in the same folder"),
+                             ("gone.yaml", "study spec not found: " + str(tmp_path / "gone.yaml")
+                              + f" (extended by {longer})"),
+                             ("longer.yaml", "extends: longer.yaml extends itself")):
+        longer.write_text(yaml.safe_dump({"extends": extends, "name": "longer"}))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_spec(longer)
+
+
 def test_committed_specs_validate_every_shared_stage_and_cell(tmp_path, capsys):
     from llava_smoe.cli import main
 
     folder = ROOT / "train" / "study"
-    specs = [p for p in sorted(folder.glob("*.yaml")) if "variants" in (yaml.safe_load(p.read_text()) or {})]
-    assert {p.name for p in specs} >= {"text-routers.yaml", "shapes-hard.yaml"}
+    specs = [p for p in sorted(folder.glob("*.yaml")) if {"variants", "extends"} & set(yaml.safe_load(p.read_text()))]
+    assert {p.name for p in specs} >= {"text-routers.yaml", "shapes-hard.yaml", "shapes-hard-long.yaml"}
     for path in specs:
         assert main(["study", str(path), "--out", str(tmp_path / path.stem), "--dry-run"]) == 0, path.name
     assert "dense_wide/s2: " in capsys.readouterr().out

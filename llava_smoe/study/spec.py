@@ -16,6 +16,10 @@
       - {name: stage1, recipe: ../tiny/pretrain.yaml, overrides: [...]}
     evaluate: {data: "{shared}/data/instruct_test.json", image_folder: "{shared}/data/images"}
 
+A spec may extend another in its folder (`extends: shapes-hard.yaml`): every key it sets
+replaces the base's, except `overrides`, which come after the base's (the later setting wins),
+so a longer run of the same study restates nothing but what changes.
+
 Placeholders: `{seed}`, `{cell}` (the cell's folder), `{study}` (the study's folder) and
 `{shared}` (this seed's shared folder, whose stage `NAME` writes `{shared}/NAME`; a training
 stage's checkpoint is `{shared}/NAME/final`).
@@ -136,7 +140,25 @@ class StudySpec(Config):
 def load_spec(path: str | Path) -> tuple[StudySpec, Path]:
     """The spec and the folder its relative paths are relative to."""
     path = Path(path)
+    return parse(StudySpec, _read_spec(path, ()), ()), path.resolve().parent
+
+
+def _read_spec(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"study spec not found: {path}")
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"study spec not found: {path}{where}")
     data = yaml.safe_load(path.read_text()) or {}
-    return parse(StudySpec, data, ()), path.resolve().parent
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a study spec is a mapping, got {type(data).__name__}")
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str) or Path(base_name).name != base_name:
+        raise invalid("extends", f"{base_name!r}: name a spec file in the same folder as {path.name}, "
+                                 "so that relative paths mean the same in both")
+    base_path = path.resolve().parent / base_name
+    if base_path in chain or base_path == path.resolve():
+        raise invalid("extends", f"{path.name} extends itself through {' -> '.join(p.name for p in chain)}")
+    base = _read_spec(base_path, (*chain, path.resolve()))
+    overrides = [*base.get("overrides", []), *data.pop("overrides", [])]
+    return {**base, **data, **({"overrides": overrides} if overrides else {})}
