@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -131,7 +132,7 @@ def test_modality_length_grouping_pads_less_and_resumes_exactly(world, tmp_path,
     assert result.status == "completed" and len(grouped) == len(shuffled) == 12  # one epoch of 12 batches
     assert all(len(modalities) == 1 for modalities, _, _ in grouped)
     assert any(modalities == {True} for modalities, _, _ in grouped)
-    padded = lambda seen: sum(rows * length for _, rows, length in seen)  # noqa: E731
+    padded = lambda seen: sum(rows * length for _, rows, length in seen)
     assert padded(grouped) < 0.9 * padded(shuffled), (padded(grouped), padded(shuffled))
 
     with crash_at_step(9), pytest.raises(KeyboardInterrupt):
@@ -197,6 +198,69 @@ def test_cli_reports_a_bad_record_in_one_line(world, tmp_path, capsys):
     assert len(err) == 1, err
     assert err[0].startswith(f"error: {data}: record #2 (id={records[2]['id']!r}): image file ")
     assert err[0].endswith("does not exist [missing_image]")
+
+
+def skipping_recipe(world, tmp_path, max_length: int, micro_batch_size: int, steps: int, **vlm):
+    import yaml
+
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "data": str(world / "instruct_train.json"), "image_folder": str(world / "images"),
+        "tokenizer": str(world / "tokenizer"), "template": "chatml", "system_prompt": "", "max_length": max_length,
+        "on_bad_sample": "skip", "model": tiny_model(world), **vlm}, tmp_path / "out", steps=steps)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["train"]["micro_batch_size"] = micro_batch_size
+    recipe.write_text(yaml.safe_dump(raw))
+    return recipe
+
+
+def test_a_micro_batch_skipped_whole_is_counted_and_trains_nothing(world, tmp_path, capsys):
+    """max_length 30 drops about three records in four (too_long), so micro-batches of 2 are often
+    empty: such a step makes no update, is logged as one, and the run goes on."""
+    torch.set_num_threads(1)
+    result = train(load_recipe(skipping_recipe(world, tmp_path, max_length=30, micro_batch_size=2, steps=12)))
+    assert result.status == "completed"
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "lr" in r]  # the training records (one per step: log_every 1)
+    empty = [r["step"] for r in rows if "loss" not in r]
+    out = capsys.readouterr().out
+    assert 0 < len(empty) < 12, empty
+    assert rows[-1]["data/empty_steps"] == len(empty)
+    assert [f"step {s}: every sample of its micro-batches was skipped; no update" in out for s in empty] == [True] * len(empty)
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert rows[-1]["data/skipped/too_long"] >= 2 * len(empty)
+
+
+def test_cli_stops_in_one_line_when_every_sample_is_skipped(world, tmp_path, capsys):
+    from llava_smoe.cli import main
+
+    assert main(["train", str(skipping_recipe(world, tmp_path, max_length=10, micro_batch_size=8, steps=3))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("error: every sample of all 3 steps was skipped (too_long: 24): nothing was trained; check "
+                    "the data, or raise the limit that drops them (max_length for too_long)")]
+    assert not (tmp_path / "out" / "checkpoints").exists()  # nothing half-trained is saved
+    # Longer than an epoch (48 records): stopped when the epoch ends, not after max_steps of nothing.
+    assert main(["train", str(skipping_recipe(world, tmp_path, max_length=10, micro_batch_size=8, steps=100))]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: every sample of epoch 0 was skipped (too_long: 48): nothing to train on; check the data, "
+        "or raise the limit that drops them (max_length for too_long)")
+
+
+def test_evaluation_with_every_sample_skipped_is_an_error(world, tmp_path):
+    """The eval set alone too long: an error, not an eval/loss of 0."""
+    torch.set_num_threads(1)
+    recipe = skipping_recipe(world, tmp_path, max_length=60, micro_batch_size=8, steps=1,
+                             eval_data=str(world / "instruct_val.json"))
+    import yaml
+
+    raw = yaml.safe_load(recipe.read_text())
+    long_val = json.loads((world / "instruct_val.json").read_text())
+    for r in long_val:  # every answer padded far past max_length
+        r["conversations"][-1]["value"] += " red" * 80
+    (tmp_path / "val.json").write_text(json.dumps(long_val))
+    raw["vlm"]["eval_data"] = str(tmp_path / "val.json")
+    recipe.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"every evaluation sample was skipped \(too_long: \d+\)"):
+        train(load_recipe(recipe))
 
 
 def test_print_config_shows_every_nested_section_typed(world, tmp_path, capsys):

@@ -5,14 +5,42 @@ of `w` takes positions `r, r + w, ...` of it. A run's data position is `(epoch, 
 index into this rank's order, so a resumed run reads exactly the samples it would have read.
 `train.group_by_modality_length` swaps in `ModalityLengthGroupedSampler`, which keeps the same
 `(epoch, index)` contract.
+
+A micro-batch whose every sample a data policy dropped (`SkippedSample`) collates to an
+`EmptyBatch` holding only the counts, so no task collator has to build zero-row tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
+
+from llava_smoe.data.dataset import SkippedSample
+
+
+@dataclass(frozen=True)
+class EmptyBatch:
+    """A micro-batch with no sample left: {reason: count} of the samples dropped."""
+
+    skipped: dict[str, int]
+
+
+@dataclass(frozen=True)
+class SkipAwareCollate:
+    """The task's collate_fn, except on a micro-batch of skipped samples only (an EmptyBatch).
+    A dataclass, so DataLoader workers can pickle it."""
+
+    collate_fn: Callable[[list[Any]], Any]
+
+    def __call__(self, samples: list[Any]) -> Any:
+        if samples and all(isinstance(s, SkippedSample) for s in samples):
+            return EmptyBatch(dict(Counter(s.reason for s in samples)))
+        return self.collate_fn(samples)
 
 
 class ResumableSampler(Sampler[int]):

@@ -33,7 +33,11 @@ from torch import nn
 
 from llava_smoe.config import ConfigError
 from llava_smoe.moe import moe_layers
-from llava_smoe.moe.parallel import ExpertParallelExperts, gathered_experts, shard_experts
+from llava_smoe.moe.parallel import (
+    ExpertParallelExperts,
+    gathered_experts,
+    shard_experts,
+)
 from llava_smoe.training.distributed import DistInfo
 
 

@@ -47,7 +47,7 @@ class MetricsLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(output_dir / METRICS_FILE, "a")
+        self.file = open(output_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the run; close() closes it)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -54,8 +54,10 @@ from llava_smoe.training.checkpoint import (
 )
 from llava_smoe.training.config import RunConfig
 from llava_smoe.training.data import (
+    EmptyBatch,
     ResumableSampler,
     ShardedEvalSampler,
+    SkipAwareCollate,
     modality_lengths,
 )
 from llava_smoe.training.distributed import DistInfo
@@ -191,7 +193,7 @@ class Trainer:
                                   f"({micro_per_epoch} micro-batches per epoch, grad_accum {cfg.grad_accum})")
         self.loader = DataLoader(
             parts.train_dataset, batch_size=cfg.micro_batch_size, sampler=self.sampler, drop_last=True,
-            collate_fn=parts.collate_fn, num_workers=cfg.num_workers,
+            collate_fn=SkipAwareCollate(parts.collate_fn), num_workers=cfg.num_workers,
             # Its own generator: creating an iterator must not draw from the global RNG, or a
             # resumed run's dropout masks would differ from the uninterrupted run's.
             generator=torch.Generator().manual_seed(cfg.seed),
@@ -201,7 +203,7 @@ class Trainer:
             self.eval_loader = DataLoader(
                 parts.eval_dataset, batch_size=cfg.micro_batch_size,
                 sampler=ShardedEvalSampler(len(parts.eval_dataset), dist_info.rank, dist_info.world_size),
-                collate_fn=parts.collate_fn, num_workers=cfg.num_workers, drop_last=needs_multiple,
+                collate_fn=SkipAwareCollate(parts.collate_fn), num_workers=cfg.num_workers, drop_last=needs_multiple,
             )
 
         # Before any checkpoint is loaded: restored buffers must win over the schedule's set-up.
@@ -223,6 +225,7 @@ class Trainer:
         self._aux_names = aux_loss_names(self.module)
         self.phases: PhaseTimes | None = None
         self.skipped_samples: Counter[str] = Counter()  # by reason, this process, since start
+        self.empty_steps = 0  # steps whose every micro-batch was skipped whole: no update (since start)
 
     def _phase(self, name: str):
         return self.phases(name) if self.phases is not None else nullcontext()
@@ -268,11 +271,31 @@ class Trainer:
         mbs = self.cfg.micro_batch_size
         while True:
             self.sampler.set_position(self.state.epoch, self.state.index)
+            kept, dropped = False, Counter()
             for batch in self.loader:
                 self.state.index += mbs
+                if isinstance(batch, EmptyBatch):
+                    dropped.update(batch.skipped)
+                else:
+                    kept = True
                 yield batch
+            if not kept:  # else the run would step through max_steps on nothing
+                raise ConfigError(f"every sample of epoch {self.state.epoch} was skipped "
+                                  f"({_reasons(dropped)}): nothing to train on; check the data, or raise "
+                                  "the limit that drops them (max_length for too_long)")
             self.state.epoch += 1
             self.state.index = 0
+
+    def _drop_empty(self, batch: EmptyBatch, where: str) -> None:
+        """An EmptyBatch is left out where one process trains with the torch back end; elsewhere
+        every rank (and DeepSpeed's micro-step count) needs each micro-batch, so it stops the run."""
+        if self.dist.world_size > 1 or self.cfg.backend == "deepspeed":
+            rank = f" on rank {self.dist.rank}" if self.dist.world_size > 1 else ""
+            raise ConfigError(
+                f"{where}: a micro-batch of {self.cfg.micro_batch_size} had every sample skipped{rank} "
+                f"({_reasons(batch.skipped)}); with several processes or DeepSpeed each micro-batch must keep a "
+                "sample: raise train.micro_batch_size or the limit that drops them (max_length for too_long)")
+        self.skipped_samples.update(batch.skipped)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -302,12 +325,21 @@ class Trainer:
         interval = _Interval()
         last_saved: Path | None = self.resumed_from
         status, message = "completed", f"trained {self.total_steps} steps"
+        first_step = state.step
         while state.step < self.total_steps:
             lrs = self.schedule.apply(self.backend.param_groups, state.step)
             stats = self._accumulate(batches)
-            lm_loss, aux, tokens, stop_votes, grad_norm = stats
-            loss = lm_loss + sum(aux.values())
-            finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+            if stats is None:  # every micro-batch of the step was skipped whole (one process only)
+                self.backend.skip_step()
+                self.empty_steps += 1
+                logger.write(f"step {state.step + 1}: every sample of its micro-batches was skipped; no update "
+                             f"({self.empty_steps} such steps)")
+                lm_loss, aux, tokens, stop_votes, grad_norm = 0.0, {}, 0, int(self._stop_requested), None
+                finite = None
+            else:
+                lm_loss, aux, tokens, stop_votes, grad_norm = stats
+                loss = lm_loss + sum(aux.values())
+                finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
             if finite:
                 with self._phase("optimizer"):
                     norm_after = self.backend.step()
@@ -315,7 +347,7 @@ class Trainer:
                 with self._phase("moe_step"):
                     moe_optimizer_step(self.module, state.step + 1)
                 interval.add(loss, lm_loss, aux, grad_norm)
-            else:
+            elif finite is not None:
                 self.backend.skip_step()
                 state.nonfinite += 1
                 bad = f"loss={loss}" + ("" if grad_norm is None else f", grad_norm={grad_norm}")
@@ -337,6 +369,8 @@ class Trainer:
                 with self._phase("log"):
                     record = interval.record(step, state.epoch, lrs, state.nonfinite, self.module)
                     record.update({f"data/skipped/{k}": v for k, v in self.skipped_samples.items()})
+                    if self.empty_steps:
+                        record["data/empty_steps"] = self.empty_steps
                     logger.log(record)
                 interval = _Interval()
             if status != "completed":
@@ -353,6 +387,10 @@ class Trainer:
                 status, message = "interrupted", f"stopped on SIGTERM at step {step}; checkpoint {last_saved}"
                 break
 
+        if self.empty_steps and self.empty_steps == state.step - first_step:  # a run shorter than an epoch
+            raise ConfigError(f"every sample of all {self.empty_steps} steps was skipped "
+                              f"({_reasons(self.skipped_samples)}): nothing was trained; check the data, or raise "
+                              "the limit that drops them (max_length for too_long)")
         result = TrainResult(status, state.step, message, checkpoint=last_saved)
         if status == "completed":
             if not _is_checkpoint_of(last_saved, state.step):
@@ -377,14 +415,21 @@ class Trainer:
             dist.all_reduce(total)
         return max(total.item(), 1.0)  # a step without supervised tokens has an LM loss of 0
 
-    def _accumulate(self, batches: Iterator[Any]) -> tuple[float, dict[str, float], int, int, float | None]:
-        """Forward/backward over grad_accum micro-batches; one all-reduce and one host sync."""
-        ga, world = self.cfg.grad_accum, self.dist.world_size
+    def _accumulate(self, batches: Iterator[Any]) -> tuple[float, dict[str, float], int, int, float | None] | None:
+        """Forward/backward over grad_accum micro-batches; one all-reduce and one host sync. None:
+        every micro-batch was skipped whole, nothing ran."""
+        world = self.dist.world_size
         with self._phase("data"):
-            micro = [next(batches) for _ in range(ga)]
+            micro = [next(batches) for _ in range(self.cfg.grad_accum)]
         for batch in micro:
-            if isinstance(batch, dict) and "skipped" in batch:  # samples a data policy dropped
+            if isinstance(batch, EmptyBatch):
+                self._drop_empty(batch, f"step {self.state.step + 1}")
+            elif isinstance(batch, dict) and "skipped" in batch:  # samples a data policy dropped
                 self.skipped_samples.update(batch.pop("skipped"))
+        micro = [b for b in micro if not isinstance(b, EmptyBatch)]
+        if not micro:
+            return None
+        ga = len(micro)  # the mean over the micro-batches that ran
         tokens = sum(self.parts.count_tokens(b) for b in micro)
         items = self._loss_items(micro)
         sums: torch.Tensor | None = None
@@ -434,12 +479,19 @@ class Trainer:
         totals = torch.zeros(2, device=self.dist.device)
         skipped: Counter[str] = Counter()
         for batch in self.eval_loader:
+            if isinstance(batch, EmptyBatch):
+                self._drop_empty(batch, "evaluation")
+                skipped.update(batch.skipped)
+                continue
             if isinstance(batch, dict) and "skipped" in batch:
                 skipped.update(batch.pop("skipped"))
             out, _ = self.backend.forward(to_device(batch, self.dist.device))
             totals += torch.stack([out.loss.detach().float(), torch.ones((), device=totals.device)])
         if self.dist.enabled and self.dist.world_size > 1:
             dist.all_reduce(totals)
+        if not totals[1].item():
+            raise ConfigError(f"every evaluation sample was skipped ({_reasons(skipped)}): no eval/loss; check the "
+                              "eval data, or raise the limit that drops them (max_length for too_long)")
         routing_stats(self.module, reset=True)
         self.module.train()
         return {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item(),
@@ -457,6 +509,10 @@ class Trainer:
             self._stop_requested = True
 
         return signal.signal(signal.SIGTERM, request_stop)
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
 
 
 def _is_checkpoint_of(path: Path | None, step: int) -> bool:
