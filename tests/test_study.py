@@ -182,6 +182,16 @@ def test_study_runs_every_cell_resumes_a_killed_one_and_reports(tmp_path):
     mixed = aggregate(load_spec(spec)[0], records)
     assert {e["code"]["commit"]: e["cells"] for e in mixed["environments"]}["f" * 40] == ["smoe/s1"]
     assert "**The cells ran in 2 environments:**" in markdown(mixed) and f"code {'f' * 12}; " in markdown(mixed)
+    # A cell that had not evaluated by the equal-wall-clock time is left out of its variant's mean by name.
+    late = next(r for r in records if r["variant"] == "competesmoe" and r["seed"] == 0)
+    late["metrics"]["curve"] = [{**p, "seconds": p["seconds"] + 1e6} for p in late["metrics"]["curve"]]
+    for r in records:
+        if r is not late:  # every other cell evaluated from the start
+            r["metrics"]["curve"] = [{**p, "seconds": 0.0} for p in r["metrics"]["curve"]]
+    partial = aggregate(load_spec(spec)[0], records)
+    assert partial["equal_wall_clock"]["seeds_not_reached"] == {"competesmoe": [0]}
+    assert partial["equal_wall_clock"]["variants"]["competesmoe"]["n"] == 1
+    assert "| competesmoe | 1 |" in markdown(partial) and "paired test: competesmoe s0." in markdown(partial)
 
 
 def test_spec_errors_name_the_key(tmp_path):

@@ -100,8 +100,12 @@ def _equal_wall_clock(spec: StudySpec, cells: list[dict], variants: list[str]) -
     budget = min(sum(t) / len(t) for t in times.values() if t)
     at = {v: {s: value_at_seconds(curves[(v, s)], budget) for (vv, s) in curves if vv == v} for v in variants}
     at = {v: {s: x for s, x in seeds.items() if x is not None} for v, seeds in at.items()}
+    seeds_of = {v: sorted(s for (vv, s) in curves if vv == v) for v in variants}
     out: dict[str, Any] = {"metric": "eval/loss", "seconds": budget, "variants": {}, "paired": {},
-                           "not_reached": [v for v in variants if not at[v]]}
+                           "not_reached": [v for v in variants if not at[v]],
+                           # a variant some of whose cells had not evaluated by then: its mean is over the others
+                           "seeds_not_reached": {v: [s for s in seeds_of[v] if s not in at[v]] for v in variants
+                                                 if at[v] and len(at[v]) < len(seeds_of[v])}}
     for v in variants:
         if at[v]:
             out["variants"][v] = summarize(list(at[v].values())).to_dict()
@@ -184,12 +188,16 @@ def markdown(report: dict[str, Any]) -> str:
     if ewc:
         lines += ["", f"## At equal wall-clock ({ewc['metric']} after {ewc['seconds']:.0f} s of training, the fastest "
                       "variant's mean time)", "",
-                  f"| variant | mean [95% CI] | diff vs {base} [95% CI], p |", "| --- | ---: | ---: |"]
+                  f"| variant | n | mean [95% CI] | diff vs {base} [95% CI], p |", "| --- | ---: | ---: | ---: |"]
         for v, s in ewc["variants"].items():
             p = ewc["paired"].get(v)
             diff = "baseline" if v == base else ("-" if p is None else
                                                   f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
-            lines.append(f"| {v} | {_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {diff} |")
+            lines.append(f"| {v} | {s['n']} | {_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {diff} |")
+        if ewc.get("seeds_not_reached"):
+            missing = "; ".join(f"{v} s{', s'.join(map(str, seeds))}" for v, seeds in ewc["seeds_not_reached"].items())
+            lines += ["", f"Cells with no {ewc['metric']} by then, left out of their variant's mean and of the "
+                          f"paired test: {missing}."]
         if ewc.get("not_reached"):
             lines += ["", f"No {ewc['metric']} logged by then for: {', '.join(ewc['not_reached'])} (their cells evaluated "
                           "later: set `train.eval_every` in the recipe for a curve to compare at equal wall-clock)."]
