@@ -389,3 +389,43 @@ def test_augment_changes_training_batches_only(world, tmp_path):
     assert loss("eval", augment={"hflip": True}) == pytest.approx(loss("eval"), abs=1e-6)
     with pytest.raises(ConfigError, match="vlm.augment.shift"):
         loss("train", augment={"shift": -1})
+
+
+def test_compiled_blocks_train_as_eager_does_and_save_the_same_weights(world, tmp_path):
+    """train.compile: every transformer block compiled in place (the MoE layers eager) gives the
+    eager run's losses and a checkpoint with the same names; evaluation runs eager."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    stage1 = fresh_stage(world, tmp_path, "instruct_train.json", steps=2)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        out = tmp_path / f"compile-{compiled}"
+        recipe = write_recipe(tmp_path / f"c{compiled}.yaml", {
+            "data": str(world / "instruct_train.json"), "eval_data": str(world / "instruct_val.json"),
+            "image_folder": str(world / "images"), "init_from": str(stage1 / "final"), "max_length": 96,
+            "moe": {"router": "smoe", "num_experts": 4, "top_k": 2}}, out, steps=4)
+        assert train(load_recipe(recipe, [f"train.compile={str(compiled).lower()}"])).status == "completed"
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compiled, graphs
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[compiled] = ([r["loss"] for r in rows if "loss" in r], [r["eval/loss"] for r in rows if "eval/loss" in r],
+                          load_file(str(out / "final" / "model.safetensors")))
+    (eager_loss, eager_eval, eager_w), (comp_loss, comp_eval, comp_w) = runs[False], runs[True]
+    assert len(eager_loss) == 4 and len(eager_eval) == 1
+    torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(comp_eval, eager_eval, rtol=1e-4, atol=1e-5)
+    assert comp_w.keys() == eager_w.keys()
+    for name, w in eager_w.items():
+        torch.testing.assert_close(comp_w[name], w, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_compile_needs_the_torch_back_end(world, tmp_path):
+    recipe = write_recipe(tmp_path / "c.yaml", {"data": str(world / "instruct_train.json"),
+                                                "image_folder": str(world / "images"), "model": tiny_model(world)},
+                          tmp_path / "out", steps=1)
+    with pytest.raises(ConfigError, match=r"train\.compile: applies to train\.backend=torch"):
+        load_recipe(recipe, ["train.compile=true", "train.backend=deepspeed",
+                             "train.deepspeed_config=train/deepspeed/zero2.json"])

@@ -78,6 +78,7 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@torch.compiler.disable  # its fake-tensor rule rejects fp32, which its CPU kernel runs
 def _grouped_mm(x_PK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(x_PK, w_EKN, offs=offsets_E)

@@ -56,6 +56,22 @@ class ForwardWithAux(nn.Module):
         return self.model(*args, **kwargs), collect_aux_losses(self._moe_layers)
 
 
+BLOCK_SUFFIXES = ("DecoderLayer", "EncoderLayer")  # transformers' names for a transformer block
+
+
+def compile_blocks(model: nn.Module, moe_layers: list[nn.Module]) -> int:
+    """`torch.compile` each transformer block in place (regional compilation: one compiled graph
+    per block class and grad mode, not a whole-model graph retraced at every graph break), with
+    the MoE layers left eager: their routing syncs with the host to size its dispatch. In place,
+    so parameter names, checkpoints and export are those of the eager model. Returns the count."""
+    for layer in moe_layers:
+        layer.forward = torch.compiler.disable(layer.forward)
+    blocks = [m for m in model.modules() if type(m).__name__.endswith(BLOCK_SUFFIXES)]
+    for block in blocks:
+        block.compile(dynamic=True)  # sequence lengths vary from batch to batch
+    return len(blocks)
+
+
 class Backend(Protocol):
     module: nn.Module  # the bare model (no wrapper), for MoE hooks and export
 
@@ -96,6 +112,8 @@ class TorchBackend:
                 device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
                 find_unused_parameters=bool(moe_layers),
             )
+        if train.compile:
+            compile_blocks(model, moe_layers)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
 
     @property

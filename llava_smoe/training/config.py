@@ -92,6 +92,9 @@ class TrainConfig(Config):
     group_by_modality_length: bool = False
     tensorboard: bool = True
     progress_bar: bool = True
+    # torch.compile every transformer block (the torch back end; MoE routing stays eager). On CPU
+    # it pays only in long runs: docs/benchmarks.md.
+    compile: bool = False
 
     def validate(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):
@@ -113,6 +116,8 @@ class TrainConfig(Config):
         if self.expert_parallel > 1 and self.backend != "torch":
             raise invalid("expert_parallel", "needs train.backend=torch (expert parallelism with ZeRO is not "
                                              "implemented; see docs/training.md)")
+        if self.compile and self.backend != "torch":
+            raise invalid("compile", "applies to train.backend=torch only")
         if self.backend == "deepspeed" and not self.deepspeed_config:
             raise invalid("deepspeed_config", "train.backend=deepspeed needs it (e.g. train/deepspeed/zero2.json)")
 

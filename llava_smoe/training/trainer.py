@@ -485,7 +485,8 @@ class Trainer:
                 continue
             if isinstance(batch, dict) and "skipped" in batch:
                 skipped.update(batch.pop("skipped"))
-            out, _ = self.backend.forward(to_device(batch, self.dist.device))
+            with torch.compiler.set_stance("force_eager"):  # train.compile: no graphs for no-grad passes
+                out, _ = self.backend.forward(to_device(batch, self.dist.device))
             totals += torch.stack([out.loss.detach().float(), torch.ones((), device=totals.device)])
         if self.dist.enabled and self.dist.world_size > 1:
             dist.all_reduce(totals)
