@@ -206,7 +206,9 @@ def test_spec_errors_name_the_key(tmp_path):
                             ({"seeds": [0, 0]}, "seeds: need distinct seeds"),
                             ({"variant": {}}, "unknown key 'variant'"),
                             ({"shared": [{"name": "data", "synth": {}, "max_loss": 0.1}]},
-                             "stage 'data' generates data: only a training stage has a loss")):
+                             "stage 'data' generates data: only a training stage has a loss"),
+                            ({"wall_clock_metric": "train/loss"}, "wall_clock_metric: 'train/loss' is not logged"),
+                            ({"wall_clock_metric": "eval/acc"}, "wall_clock_metric: 'eval/acc' is not a metric")):
         spec.write_text(yaml.safe_dump({**data, **change}))
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_spec(spec)
@@ -316,3 +318,49 @@ def test_a_seeds_cells_start_while_another_seeds_shared_stages_run(tmp_path, mon
         Study(loaded, spec_dir, tmp_path / "study", workers=2, log=lambda *_: None).run()
     assert str(err.value) == "1 part(s) failed: shared s1: seed 1's stage stalled"
     assert sorted(started) == ["competesmoe/s0", "smoe/s0"]
+
+
+def test_accuracy_logged_in_training_is_compared_at_equal_wall_clock(tmp_path):
+    """eval/accuracy logged at each evaluation (vlm.eval_accuracy) joins the cells' curves (skip
+    counts do not), and the spec's wall_clock_metric compares it at the fastest variant's time."""
+    from llava_smoe.config import parse
+    from llava_smoe.study.metrics import cell_metrics
+    from llava_smoe.study.report import write_report
+    from llava_smoe.study.spec import StudySpec
+
+    accuracy = {("fast", 0): (0.4, 0.6), ("fast", 1): (0.5, 0.7), ("slow", 0): (0.3, 0.9), ("slow", 1): (0.2, 0.8)}
+    records = []
+    for (variant, seed), (at20, at40) in accuracy.items():
+        run = tmp_path / variant / f"s{seed}"
+        run.mkdir(parents=True)
+        per_interval = 1.0 if variant == "fast" else 2.0  # seconds per 10 steps
+        rows = []
+        for step in (10, 20, 30, 40):
+            rows.append({"step": step, "loss": 1.0 / step, "interval_s": per_interval, "tokens_per_s": 100.0})
+            if step in (20, 40):
+                acc = at20 if step == 20 else at40
+                rows.append({"step": step, "eval/loss": 1.0 - acc, "eval/accuracy": acc,
+                             "eval/accuracy/count": acc / 2, "eval/skipped/too_long": 3})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metrics = cell_metrics(run)
+        assert metrics["curve"][0] == {"step": 20, "tokens": 200.0 * per_interval, "seconds": 2 * per_interval,
+                                       "eval/loss": pytest.approx(1.0 - at20), "eval/accuracy": at20,
+                                       "eval/accuracy/count": at20 / 2}
+        assert metrics["eval/accuracy"] == at40 and "eval/skipped/too_long" not in metrics
+        records.append({"variant": variant, "seed": seed, "status": "done", "metrics": metrics,
+                        "provenance": {"device": "cpu", "code": {"commit": "0" * 40}}})
+    spec = parse(StudySpec, {"name": "acc", "recipe": "r.yaml", "seeds": [0, 1], "baseline": "fast",
+                             "variants": {"fast": [], "slow": []}, "primary": {"name": "eval/accuracy", "goal": "max"},
+                             "secondary": ["eval/accuracy/count"], "wall_clock_metric": "eval/accuracy"}, ())
+    report = write_report(spec, records, tmp_path)
+    ewc = report["equal_wall_clock"]
+    assert ewc["metric"] == "eval/accuracy" and ewc["seconds"] == pytest.approx(4.0)  # the fast cells' time
+    # At 4 s the slow cells have their first evaluation only (at 4 s): 0.3 and 0.2; the fast ones their last.
+    assert ewc["variants"]["slow"]["mean"] == pytest.approx(0.25)
+    assert ewc["variants"]["fast"]["mean"] == pytest.approx(0.65)
+    assert ewc["paired"]["slow"]["mean_diff"] == pytest.approx(-0.4)
+    assert report["paired"]["slow"]["eval/accuracy"]["mean_diff"] == pytest.approx(0.2)  # at equal steps
+    assert "eval/accuracy after 4 s of training" in (tmp_path / "study.md").read_text()
+    for name in ("curves_eval_accuracy.png", "curves_eval_loss.png"):
+        width, height = _png_size(tmp_path / name)
+        assert width > 200 and height > 200

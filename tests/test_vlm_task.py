@@ -429,3 +429,36 @@ def test_compile_needs_the_torch_back_end(world, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.compile: applies to train\.backend=torch"):
         load_recipe(recipe, ["train.compile=true", "train.backend=deepspeed",
                              "train.deepspeed_config=train/deepspeed/zero2.json"])
+
+
+def test_eval_accuracy_is_logged_at_every_evaluation_and_matches_the_checkpoints(world, tmp_path):
+    """vlm.eval_accuracy: exact-match accuracy on eval_data at each evaluation; the last one is
+    what the saved checkpoint scores on the same questions."""
+    from llava_smoe import load_pretrained
+    from llava_smoe.evaluation.exact_match import evaluate_exact_match
+
+    torch.set_num_threads(1)
+    stage1 = fresh_stage(world, tmp_path, "instruct_train.json", steps=2)
+    out = tmp_path / "acc"
+    recipe = write_recipe(tmp_path / "a.yaml", {
+        "data": str(world / "instruct_train.json"), "eval_data": str(world / "instruct_val.json"),
+        "image_folder": str(world / "images"), "init_from": str(stage1 / "final"), "max_length": 96,
+        "eval_accuracy": True, "moe": {"router": "competesmoe", "num_experts": 4, "top_k": 2}}, out, steps=4)
+    assert train(load_recipe(recipe, ["train.eval_every=2"])).status == "completed"
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    records = json.loads((world / "instruct_val.json").read_text())
+    types = {t for r in records for t in r["meta"]["types"]}
+    for r in evals:
+        assert 0.0 <= r["eval/accuracy"] <= 1.0 and {k.split("/")[-1] for k in r if k.startswith("eval/accuracy/")} == types
+    model, processor = load_pretrained(out / "final")
+    final = evaluate_exact_match(model, processor, records, str(world / "images"))
+    assert evals[-1]["eval/accuracy"] == final.accuracy
+    assert {t: evals[-1][f"eval/accuracy/{t}"] for t in types} == final.per_type
+
+    no_eval = write_recipe(tmp_path / "b.yaml", {"data": str(world / "instruct_train.json"), "eval_accuracy": True,
+                                                 "image_folder": str(world / "images"), "model": tiny_model(world),
+                                                 "tokenizer": str(world / "tokenizer")}, tmp_path / "b", steps=1)
+    with pytest.raises(ConfigError, match=r"vlm\.eval_accuracy: scores eval_data's questions"):
+        load_recipe(no_eval)

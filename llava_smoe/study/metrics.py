@@ -3,8 +3,8 @@
 Training time is the sum of the log's `interval_s` (evaluation and saving excluded), tokens are
 `tokens_per_s * interval_s` summed; routing statistics are averaged over the log records (the
 load CV, competition rate and expert evaluations per token), except dead experts, taken at the
-end of training. `curve` keeps (step, tokens, seconds, eval/loss) for plots and for comparisons
-at equal wall-clock.
+end of training. `curve` keeps (step, tokens, seconds, and every eval/ metric logged: eval/loss,
+eval/accuracy ...) for plots and for comparisons at equal wall-clock.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+CURVE_PREFIX, NOT_CURVES = "eval/", "eval/skipped/"  # eval/loss, eval/accuracy (vlm.eval_accuracy), ...
 ROUTING_AVERAGED = ("load_cv", "expert_evals_per_token", "competition_rate", "router_agreement", "sparsity")
 
 
@@ -54,9 +55,10 @@ def cell_metrics(run_dir: Path, eval_file: Path | None = None) -> dict[str, Any]
         if "eval/loss" in r:
             done = max((s for s in elapsed_at if s <= r["step"]), default=None)
             tok, sec = elapsed_at[done] if done is not None else (0.0, 0.0)
-            curve.append({"step": r["step"], "tokens": tok, "seconds": sec, "eval/loss": r["eval/loss"]})
+            evals = {k: v for k, v in r.items() if k.startswith(CURVE_PREFIX) and not k.startswith(NOT_CURVES)}
+            curve.append({"step": r["step"], "tokens": tok, "seconds": sec, **evals})
     if curve:
-        out["eval/loss"] = curve[-1]["eval/loss"]
+        out.update({k: v for k, v in curve[-1].items() if k.startswith(CURVE_PREFIX)})
     out["curve"] = curve
     if eval_file is not None and eval_file.is_file():
         ev = json.loads(eval_file.read_text())

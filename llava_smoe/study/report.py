@@ -4,8 +4,9 @@ Per variant: mean, standard deviation and 95% interval (Student's t) of every me
 differences against the baseline on the seeds both have, with their interval and a paired
 t-test; the cost (training seconds per optimizer step and tokens/s, as measured, and the
 per-seed ratio to the baseline; expert evaluations per token; load CV; dead experts). Results
-at equal steps (the final values) and, for metrics logged during training (eval/loss), at equal
-wall-clock: the value each cell had reached when the fastest variant's mean training time ran out.
+at equal steps (the final values) and, for the spec's `wall_clock_metric` (logged during
+training: eval/loss, eval/accuracy), at equal wall-clock: the value each cell had reached when the
+fastest variant's mean training time ran out.
 """
 
 from __future__ import annotations
@@ -92,16 +93,17 @@ def _describe_environment(env: dict[str, Any]) -> str:
 
 
 def _equal_wall_clock(spec: StudySpec, cells: list[dict], variants: list[str]) -> dict[str, Any] | None:
-    """eval/loss of every cell at the fastest variant's mean training time."""
-    curves = {(c["variant"], c["seed"]): c["metrics"].get("curve") or [] for c in cells}
+    """The wall-clock metric of every cell at the fastest variant's mean training time."""
+    metric = spec.wall_clock_metric
+    curves = {(c["variant"], c["seed"]): [p for p in c["metrics"].get("curve") or [] if metric in p] for c in cells}
     if not any(curves.values()):
         return None
     times = {v: [c["metrics"]["train_seconds"] for c in cells if c["variant"] == v] for v in variants}
     budget = min(sum(t) / len(t) for t in times.values() if t)
-    at = {v: {s: value_at_seconds(curves[(v, s)], budget) for (vv, s) in curves if vv == v} for v in variants}
+    at = {v: {s: value_at_seconds(curves[(v, s)], budget, metric) for (vv, s) in curves if vv == v} for v in variants}
     at = {v: {s: x for s, x in seeds.items() if x is not None} for v, seeds in at.items()}
     seeds_of = {v: sorted(s for (vv, s) in curves if vv == v) for v in variants}
-    out: dict[str, Any] = {"metric": "eval/loss", "seconds": budget, "variants": {}, "paired": {},
+    out: dict[str, Any] = {"metric": metric, "seconds": budget, "variants": {}, "paired": {},
                            "not_reached": [v for v in variants if not at[v]],
                            # a variant some of whose cells had not evaluated by then: its mean is over the others
                            "seeds_not_reached": {v: [s for s in seeds_of[v] if s not in at[v]] for v in variants
@@ -214,22 +216,26 @@ def plots(spec: StudySpec, records: list[dict[str, Any]], report: dict[str, Any]
     cells = [r for r in records if r and r.get("status") == "done"]
     written = []
     colors = {v: f"C{i}" for i, v in enumerate(spec.variants)}
-    if any(c["metrics"].get("curve") for c in cells):
+    for metric in dict.fromkeys(("eval/loss", "eval/accuracy", spec.wall_clock_metric)):
+        by_variant = {v: [[p for p in c["metrics"].get("curve") or [] if metric in p]
+                          for c in cells if c["variant"] == v] for v in spec.variants}
+        by_variant = {v: [cur for cur in curves if cur] for v, curves in by_variant.items()}
+        if not any(by_variant.values()):
+            continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for v in spec.variants:
-            curves = [c["metrics"]["curve"] for c in cells if c["variant"] == v and c["metrics"].get("curve")]
+        for v, curves in by_variant.items():
             if not curves:
                 continue
             steps = sorted(set.intersection(*(set(p["step"] for p in cur) for cur in curves)))
             tokens = [sum(next(p["tokens"] for p in cur if p["step"] == s) for cur in curves) / len(curves) for s in steps]
-            values = [[next(p["eval/loss"] for p in cur if p["step"] == s) for cur in curves] for s in steps]
+            values = [[next(p[metric] for p in cur if p["step"] == s) for cur in curves] for s in steps]
             ax.plot(tokens, [sum(x) / len(x) for x in values], color=colors[v], label=f"{v} (n={len(curves)})")
             ax.fill_between(tokens, [min(x) for x in values], [max(x) for x in values], color=colors[v], alpha=0.2)
         ax.set_xlabel("training tokens")
-        ax.set_ylabel("eval/loss (mean; band: min-max over seeds)")
+        ax.set_ylabel(f"{metric} (mean; band: min-max over seeds)")
         ax.legend()
-        ax.set_title(f"{spec.name}: eval/loss against tokens")
-        written.append(_save(fig, out / "curves_eval_loss.png"))
+        ax.set_title(f"{spec.name}: {metric} against tokens")
+        written.append(_save(fig, out / f"curves_{metric.replace('/', '_')}.png"))
     name = spec.primary.name
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(spec.variants)), 4))
     for i, v in enumerate(spec.variants):

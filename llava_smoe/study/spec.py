@@ -36,7 +36,7 @@ import yaml
 from llava_smoe.config import Config, ConfigError, invalid, parse
 
 # Metrics a cell reports: from its training log, and from `evaluate` when the spec has it.
-LOG_METRICS = ("eval/loss", "train/loss")
+LOG_METRICS = ("eval/loss", "train/loss", "eval/accuracy")  # eval/accuracy: with vlm.eval_accuracy
 EVAL_METRICS = ("accuracy", "blind_accuracy")  # and accuracy/<question type>
 LOSS_TAIL = 4  # logged values a shared stage's final loss is averaged over (max_loss)
 
@@ -53,9 +53,9 @@ class MetricSpec(Config):
 
 
 def check_metric_name(name: str, key: str) -> None:
-    if name not in LOG_METRICS + EVAL_METRICS and not name.startswith("accuracy/"):
-        raise invalid(key, f"{name!r} is not a metric a cell reports: {list(LOG_METRICS + EVAL_METRICS)} "
-                           "or accuracy/<question type>")
+    if name not in LOG_METRICS + EVAL_METRICS and not name.startswith(("accuracy/", "eval/accuracy/")):
+        raise invalid(key, f"{name!r} is not a metric a cell reports: {list(LOG_METRICS + EVAL_METRICS)}, "
+                           "accuracy/<question type> or eval/accuracy/<question type>")
 
 
 @dataclass
@@ -108,6 +108,9 @@ class StudySpec(Config):
     min_tokens: int = 0
     # Checkpoints every this many steps, so a killed cell continues from its last one.
     save_every: int = 200
+    # The metric compared at equal wall-clock: one logged during training (at train.eval_every),
+    # eval/loss or, with vlm.eval_accuracy, eval/accuracy (on the eval set, not `evaluate`'s).
+    wall_clock_metric: str = "eval/loss"
 
     def validate(self) -> None:
         if not self.variants:
@@ -123,9 +126,13 @@ class StudySpec(Config):
             raise invalid("seeds", f"need distinct seeds, got {self.seeds}")
         for i, name in enumerate(self.secondary):
             check_metric_name(name, f"secondary.{i}")
-        evaluated = [m for m in (self.primary.name, *self.secondary) if m not in LOG_METRICS]
+        evaluated = [m for m in (self.primary.name, *self.secondary) if not m.startswith(("eval/", "train/"))]
         if evaluated and self.evaluate is None:
             raise invalid("evaluate", f"metrics {evaluated} need an `evaluate` section")
+        check_metric_name(self.wall_clock_metric, "wall_clock_metric")
+        if not self.wall_clock_metric.startswith("eval/"):
+            raise invalid("wall_clock_metric", f"{self.wall_clock_metric!r} is not logged during training: "
+                                               "eval/loss, eval/accuracy or eval/accuracy/<question type>")
         names = [s.name for s in self.shared]
         if len(set(names)) != len(names):
             raise invalid("shared", f"stage names must be unique, got {names}")

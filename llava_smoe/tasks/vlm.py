@@ -54,6 +54,9 @@ class VLMTaskConfig(Config):
         use, for data that fits in RAM (the shapes world); later epochs skip decoding.
     augment: training-time image augmentation (random shifts, mirroring; llava_smoe.data.augment),
         off by default: it changes what an image says about where things are.
+    eval_accuracy: at every evaluation also answer eval_data's questions greedily and score them
+        by exact match (`eval/accuracy`, and `eval/accuracy/<type>` per question type), so that a
+        study can compare accuracy at equal wall-clock, not only at the end.
     """
 
     data: str | list[str]
@@ -74,8 +77,11 @@ class VLMTaskConfig(Config):
     vision_freeze: bool | None = None
     cache_samples: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval_accuracy: bool = False
 
     def validate(self) -> None:
+        if self.eval_accuracy and self.eval_data is None:
+            raise invalid("eval_accuracy", "scores eval_data's questions: set `eval_data`")
         if (self.model is None) == (self.init_from is None):
             raise invalid("model", "give exactly one of `model` (assemble a new model) or `init_from` "
                                    "(a previous stage's exported checkpoint folder)")
@@ -219,4 +225,19 @@ def build_vlm(config: VLMTaskConfig, run) -> TaskParts:
         collate_fn=DataCollator.from_processor(processor),
         export_fn=export(processor),
         count_loss_items=count_supervised_tokens,
+        evaluate_fn=exact_match_eval(config, processor) if config.eval_accuracy else None,
     )
+
+
+def exact_match_eval(config: VLMTaskConfig, processor):
+    """The model's greedy exact-match accuracy on eval_data: overall and per question type."""
+    from llava_smoe.data.records import load_records
+    from llava_smoe.evaluation.exact_match import evaluate_exact_match
+
+    records = load_records(config.eval_data)
+
+    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
+        result = evaluate_exact_match(model, processor, records, config.image_folder)
+        return {"eval/accuracy": result.accuracy, **{f"eval/accuracy/{t}": v for t, v in result.per_type.items()}}
+
+    return evaluate_fn

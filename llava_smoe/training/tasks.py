@@ -80,6 +80,9 @@ class TaskParts:
     export_fn: Callable[[nn.Module, Path], None] | None = None
     count_tokens: Callable[[Any], int] = default_count_tokens
     count_loss_items: Callable[[Any], int] | None = None
+    # More eval metrics ("eval/<name>": value) from the bare model in eval mode, after the eval loss;
+    # every process runs it (ZeRO-3 gathers weights collectively), the main one logs it.
+    evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)

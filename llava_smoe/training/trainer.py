@@ -493,9 +493,13 @@ class Trainer:
         if not totals[1].item():
             raise ConfigError(f"every evaluation sample was skipped ({_reasons(skipped)}): no eval/loss; check the "
                               "eval data, or raise the limit that drops them (max_length for too_long)")
+        extra = {}
+        if self.parts.evaluate_fn is not None:
+            with torch.compiler.set_stance("force_eager"):
+                extra = self.parts.evaluate_fn(self.module)
         routing_stats(self.module, reset=True)
         self.module.train()
-        return {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item(),
+        return {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item(), **extra,
                 **{f"eval/skipped/{k}": v for k, v in skipped.items()}}
 
     def _save(self) -> Path:
