@@ -59,17 +59,15 @@ class ForwardWithAux(nn.Module):
 BLOCK_SUFFIXES = ("DecoderLayer", "EncoderLayer")  # transformers' names for a transformer block
 
 
-def compile_blocks(model: nn.Module, moe_layers: list[nn.Module]) -> int:
+def compile_blocks(model: nn.Module, moe_layers: list[nn.Module]) -> None:
     """`torch.compile` each transformer block in place (regional compilation: one compiled graph
     per block class and grad mode, not a whole-model graph retraced at every graph break), with
     the MoE layers left eager: their routing syncs with the host to size its dispatch. In place,
-    so parameter names, checkpoints and export are those of the eager model. Returns the count."""
+    so parameter names, checkpoints and export are those of the eager model."""
     for layer in moe_layers:
         layer.forward = torch.compiler.disable(layer.forward)
-    blocks = [m for m in model.modules() if type(m).__name__.endswith(BLOCK_SUFFIXES)]
-    for block in blocks:
+    for block in [m for m in model.modules() if type(m).__name__.endswith(BLOCK_SUFFIXES)]:
         block.compile(dynamic=True)  # sequence lengths vary from batch to batch
-    return len(blocks)
 
 
 class Backend(Protocol):

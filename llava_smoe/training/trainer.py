@@ -471,6 +471,7 @@ class Trainer:
         return host[0], aux_vals, int(host[n]), int(host[n + 1]), (host[n + 2] if grad_norm is not None else None)
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # train.compile: no graphs for no-grad passes
     def evaluate(self) -> dict[str, float]:
         """The eval record: mean LM loss over the eval set (all ranks), `eval/loss`, and the samples
         a data policy dropped, by reason (this process), `eval/skipped/<reason>`; eval routing is
@@ -485,18 +486,14 @@ class Trainer:
                 continue
             if isinstance(batch, dict) and "skipped" in batch:
                 skipped.update(batch.pop("skipped"))
-            with torch.compiler.set_stance("force_eager"):  # train.compile: no graphs for no-grad passes
-                out, _ = self.backend.forward(to_device(batch, self.dist.device))
+            out, _ = self.backend.forward(to_device(batch, self.dist.device))
             totals += torch.stack([out.loss.detach().float(), torch.ones((), device=totals.device)])
         if self.dist.enabled and self.dist.world_size > 1:
             dist.all_reduce(totals)
         if not totals[1].item():
             raise ConfigError(f"every evaluation sample was skipped ({_reasons(skipped)}): no eval/loss; check the "
                               "eval data, or raise the limit that drops them (max_length for too_long)")
-        extra = {}
-        if self.parts.evaluate_fn is not None:
-            with torch.compiler.set_stance("force_eager"):
-                extra = self.parts.evaluate_fn(self.module)
+        extra = self.parts.evaluate_fn(self.module) if self.parts.evaluate_fn is not None else {}
         routing_stats(self.module, reset=True)
         self.module.train()
         return {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item(), **extra,
