@@ -13,7 +13,7 @@ from llava_smoe.data import (
     ShapesWorldConfig,
     generate_shapes_world,
 )
-from llava_smoe.data.synth import COLORS, DEFAULT_QUESTION_TYPES, QUESTION_TYPES, SHAPES
+from llava_smoe.data.synth import COLORS, DEFAULT_QUESTION_TYPES, LOOKUP_VALUES, QUESTION_TYPES, SHAPES
 from llava_smoe.processing import LlavaSmoeProcessor, ProcessorConfig
 
 SMALL = dict(num_train=300, num_val=40, num_test=60, num_heldout=20, image_size=32, question_types=list(QUESTION_TYPES))
@@ -80,7 +80,7 @@ def test_answers_are_single_words_and_blind_guessing_is_poor(world):
                 yield q["value"].replace("<image>\n", ""), a["value"]
 
     vocab = {a for _, a in qa(train)}
-    assert all(" " not in a for a in vocab) and len(vocab) <= 20
+    assert all(" " not in a for a in vocab) and len(vocab - set(LOOKUP_VALUES)) <= 20
     assert set(COLORS) | set(SHAPES) | {"yes", "no", "one", "two", "three"} <= vocab
     # The best image-blind answer per question (majority in train) scores far below a seeing model.
     by_question = defaultdict(Counter)
@@ -218,8 +218,9 @@ def test_side_questions_offer_both_answers_in_the_chosen_order(tmp_path, options
         ShapesWorldConfig(side_options="sorted")
 
 
-def _answer_from_scene(question: str, scene: str, grid: int) -> str:
-    """Answer a shapes-world question from the scene alone (an independent reader of the layout)."""
+def _answer_from_scene(question: str, scene: str, grid: int, facts: dict | None = None) -> str:
+    """Answer a shapes-world question from the scene alone (an independent reader of the layout),
+    and lookup questions from the scene and the manifest's table of facts."""
     import re
 
     from llava_smoe.data.synth import CELL_NAMES, COUNT_WORDS
@@ -236,6 +237,9 @@ def _answer_from_scene(question: str, scene: str, grid: int) -> str:
     if m := re.fullmatch(r"What color is the (\w+)\?", question):
         (color,) = [c for _, c, s in objects if s == m[1]]  # asked only when the shape is unique
         return color
+    if m := re.fullmatch(r"What is the (\w+) of the (\w+) object\?", question):
+        (shape,) = [s for _, c, s in objects if c == m[2]]
+        return facts[m[1]][f"{m[2]} {shape}"]
     if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
         (shape,) = [s for _, c, s in objects if c == m[1]]
         return shape
@@ -288,6 +292,44 @@ def test_hard_world_is_deterministic_and_every_answer_is_in_the_image(tmp_path):
         if "meta" in record:
             question = record["conversations"][0]["value"].removeprefix("<image>\n")
             assert _answer_from_scene(question, record["meta"]["scene"], 2) == record["conversations"][1]["value"]
+
+
+def test_lookup_questions_ask_the_seeds_table_about_an_object_in_the_image(tmp_path):
+    from llava_smoe.data.synth import LOOKUP_WORLD
+
+    config = ShapesWorldConfig(seed=3, num_train=400, num_val=0, num_test=60, num_heldout=10, single_turn=True,
+                               caption_order="random", **LOOKUP_WORLD)
+    generate_shapes_world(config, tmp_path / "a")
+    generate_shapes_world(config, tmp_path / "b")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    manifest = json.loads((tmp_path / "a/manifest.json").read_text())
+    facts = manifest["lookup"]
+    assert len(facts) == 24 and all(len(values) == 4 * 3 for values in facts.values())
+    assert {v for values in facts.values() for v in values.values()} == set(LOOKUP_VALUES)
+
+    kinds, values = Counter(), Counter()
+    for split in ("train", "test", "heldout"):
+        for record in json.loads((tmp_path / "a" / f"instruct_{split}.json").read_text()):
+            if "meta" not in record:
+                continue
+            question = record["conversations"][0]["value"].removeprefix("<image>\n")
+            answer = record["conversations"][1]["value"]
+            assert _answer_from_scene(question, record["meta"]["scene"], 2, facts) == answer, record
+            kinds[record["meta"]["types"][0]] += 1
+            if record["meta"]["types"] == ["lookup"]:
+                values[answer] += 1
+    assert set(kinds) == set(LOOKUP_WORLD["question_types"])
+    # Four lookup candidates among about ten: some two fifths of the questions asked.
+    assert 0.3 < kinds["lookup"] / sum(kinds.values()) < 0.5
+    assert len(values) == len(LOOKUP_VALUES)
+    # Another seed, another table; the property names stay.
+    other = ShapesWorldConfig(**{**config.to_dict(), "seed": 4})
+    generate_shapes_world(other, tmp_path / "c")
+    other_facts = json.loads((tmp_path / "c/manifest.json").read_text())["lookup"]
+    assert set(other_facts) == set(facts) and other_facts != facts
+    for bad in ({"lookup_properties": 0}, {"lookup_questions": 0}):
+        with pytest.raises(ValueError, match="lookup_properties must be in"):
+            ShapesWorldConfig(**bad)
 
 
 @pytest.mark.parametrize("world", ["single", "scatter"])

@@ -65,7 +65,7 @@ SHAPE_FACTS = [
 
 Obj = tuple[int, str, str]  # (cell, colour, shape)
 QUESTION_TYPES = ("count", "color_of_shape", "shape_of_color", "shape_at", "color_at", "exists", "side",
-                  "count_color", "count_shape", "shape_next_to", "color_next_to")
+                  "count_color", "count_shape", "shape_next_to", "color_next_to", "lookup")
 NEIGHBOURS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 # Presence questions ("Is there a red circle?") are off by default: their answer depends on the
 # question and the image only jointly (each alone says nothing), and gradient descent finds no
@@ -79,6 +79,13 @@ HARD_WORLD = {
     "question_types": ["count", "color_of_shape", "shape_of_color", "shape_at", "color_at", "side",
                        "count_color", "count_shape", "shape_next_to", "color_next_to"],
 }
+# Knowledge questions ("lookup"): a table drawn from the seed gives every kind of object (colour,
+# shape) a value, one of LOOKUP_VALUES, for each of `lookup_properties` made-up properties. "What
+# is the <property> of the <colour> object?" takes the object's shape from the image and the value
+# from what the LM has stored: properties x colours x shapes facts, a store whose size the world
+# sets, so that the LM's capacity (FFN width, experts) is what a run is short of.
+LOOKUP_VALUES = ("zum", "kel", "vop", "rif", "dax", "wug", "tup", "fep")
+LOOKUP_WORLD = {"question_types": [*DEFAULT_QUESTION_TYPES, "lookup"], "lookup_properties": 24, "lookup_questions": 4}
 CAPTION_ORDERS = ("cells", "random")
 SIDE_OPTIONS = ("fixed", "random")
 
@@ -117,6 +124,11 @@ class ShapesWorldConfig(Config):
     grid: int = 2
     num_colors: int = 4
     num_shapes: int = 3
+    # Knowledge questions (question type "lookup"): how many made-up properties the table holds,
+    # and how many lookup questions each image offers among its candidates (their share of the
+    # questions asked).
+    lookup_properties: int = 24
+    lookup_questions: int = 1
 
     @property
     def colors(self) -> list[str]:
@@ -170,8 +182,31 @@ class ShapesWorldConfig(Config):
             raise ValueError(f"question_types must be a subset of {list(QUESTION_TYPES)} with at least one of "
                              f"{sorted(ALWAYS_ASKABLE)} (askable about every scene), got {self.question_types}")
         self.question_types = list(self.question_types)
+        if not 1 <= self.lookup_properties <= MAX_LOOKUP_PROPERTIES or self.lookup_questions < 1:
+            raise ValueError(f"lookup_properties must be in [1, {MAX_LOOKUP_PROPERTIES}] and lookup_questions >= 1, "
+                             f"got {self.lookup_properties} and {self.lookup_questions}")
         if self.num_heldout and not self.holdout_combos:
             raise ValueError("num_heldout > 0 needs at least one held-out (colour, shape) combination")
+
+
+# Two consonant-vowel syllables, the last vowel not "e": no word of the world's ("side", "five").
+_FIRST = [c + v for c in "bdfglmnprstv" for v in "aeiou"]
+_LAST = [c + v for c in "bdfglmnprstv" for v in "aiou"]
+MAX_LOOKUP_PROPERTIES = len(_FIRST) * len(_LAST)
+
+
+def lookup_properties(n: int) -> list[str]:
+    """The first n made-up property names ("bano", "tefi", ...), the same in every world and seed."""
+    words = [a + b for a in _FIRST for b in _LAST]
+    random.Random("lookup-properties").shuffle(words)
+    return words[:n]
+
+
+def lookup_table(config: ShapesWorldConfig) -> dict[tuple[str, str, str], str]:
+    """(property, colour, shape) -> value: the facts lookup questions ask, drawn from the seed."""
+    rng = random.Random(f"lookup/{config.seed}")
+    return {(p, c, s): rng.choice(LOOKUP_VALUES)
+            for p in lookup_properties(config.lookup_properties) for c in config.colors for s in config.shapes}
 
 
 def scene_key(scene: list[Obj]) -> str:
@@ -246,8 +281,10 @@ def describe(scene: list[Obj], rng: random.Random | None = None, cells: tuple[st
     return f"There are {NUMBERS[len(parts)]} shapes: {listed}."
 
 
-def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str) -> list[tuple[str, str, str]]:
-    """One (question, answer, type) per applicable question type for this scene."""
+def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str,
+                        table: dict[tuple[str, str, str], str] | None = None) -> list[tuple[str, str, str]]:
+    """One (question, answer, type) per applicable question type for this scene (lookup:
+    `config.lookup_questions` of them, about distinct properties, from `table`)."""
     held = set(config.holdout_combos) if split != "heldout" else set()
     CELLS, COLORS, SHAPES = config.cells, config.colors, config.shapes  # noqa: N806 - this world's
     shape_counts = Counter(s for _, _, s in scene)
@@ -318,6 +355,12 @@ def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorl
                 out.append((f"What shape is {relation} the {color} {shape}?", n_shape, kind))
             else:
                 out.append((f"What color is the shape {relation} the {color} {shape}?", n_color, kind))
+    if "lookup" in wanted and unique_colors:
+        table = table if table is not None else lookup_table(config)
+        names = lookup_properties(config.lookup_properties)
+        for prop in rng.sample(names, min(config.lookup_questions, len(names))):
+            _, color, shape = rng.choice(unique_colors)
+            out.append((f"What is the {prop} of the {color} object?", table[(prop, color, shape)], "lookup"))
     return [q for q in out if q[2] in config.question_types]
 
 
@@ -326,8 +369,9 @@ def _by_count(counts: Counter, rng: random.Random) -> str:
     return rng.choice(sorted(k for k, v in counts.items() if v == n))
 
 
-def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str) -> tuple[list[dict], list[str]]:
-    candidates = candidate_questions(scene, rng, config, split)  # never empty (ALWAYS_ASKABLE)
+def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str,
+                      table: dict[tuple[str, str, str], str] | None = None) -> tuple[list[dict], list[str]]:
+    candidates = candidate_questions(scene, rng, config, split, table)  # never empty (ALWAYS_ASKABLE)
     turns = rng.sample(candidates, min(rng.randint(1, config.max_turns), len(candidates)))
     conversation: list[dict] = []
     for k, (question, answer, _) in enumerate(turns):
@@ -364,6 +408,7 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
     answers: dict[str, Counter] = {}
     types: dict[str, Counter] = {}
     text_lines: list[str] = []
+    table = lookup_table(config) if "lookup" in config.question_types else None
     for split, n in counts.items():
         rng = random.Random(_split_seed(config.seed, split))
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
@@ -373,7 +418,7 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
             rel = f"{split}/{i:06d}.png"
             render_scene(scene, config.image_size, rng, config.size_range, config.jitter,
                          config.grid).save(os.path.join(out_dir, "images", rel))
-            conversation, qtypes = make_conversation(scene, rng, config, split)
+            conversation, qtypes = make_conversation(scene, rng, config, split, table)
             files[f"instruct_{split}"] += _records(f"{split}-{i:06d}", rel, scene, conversation, qtypes, config.single_turn)
             answers[split].update(t["value"] for t in conversation if t["from"] == "gpt")
             types[split].update(qtypes)
@@ -420,6 +465,9 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
         "shapes": list(config.shapes),
         "cells": list(config.cells),
     }
+    if table is not None:  # the facts, so that every lookup answer can be checked
+        manifest["lookup"] = {p: {f"{c} {s_}": v for (p_, c, s_), v in table.items() if p_ == p}
+                              for p in lookup_properties(config.lookup_properties)}
     _write_json(os.path.join(out_dir, "manifest.json"), manifest)
     return manifest
 
