@@ -304,7 +304,7 @@ def test_lookup_questions_ask_the_seeds_table_about_an_object_in_the_image(tmp_p
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     manifest = json.loads((tmp_path / "a/manifest.json").read_text())
     facts = manifest["lookup"]
-    assert len(facts) == 24 and all(len(values) == 4 * 3 for values in facts.values())
+    assert len(facts) == 48 and all(len(values) == 4 * 3 for values in facts.values())
     assert {v for values in facts.values() for v in values.values()} == set(LOOKUP_VALUES)
 
     kinds, values = Counter(), Counter()
@@ -330,6 +330,11 @@ def test_lookup_questions_ask_the_seeds_table_about_an_object_in_the_image(tmp_p
     for bad in ({"lookup_properties": 0}, {"lookup_questions": 0}):
         with pytest.raises(ValueError, match="lookup_properties must be in"):
             ShapesWorldConfig(**bad)
+    # The command line makes the same world.
+    assert cli_main(["data", "synth", "--out", str(tmp_path / "cli"), "--seed", "3", "--num-train", "400",
+                     "--num-val", "0", "--num-test", "60", "--num-heldout", "10", "--single-turn",
+                     "--caption-order", "random", "--lookup"]) == 0
+    assert digest(tmp_path / "cli") == digest(tmp_path / "a")
 
 
 @pytest.mark.parametrize("world", ["single", "scatter"])

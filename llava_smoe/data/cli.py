@@ -30,7 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="order of the two answers a side question offers (default: fixed, left/top first)")
     synth.add_argument("--question-types", default=None,
                        help="comma-separated subset of count,color_of_shape,shape_of_color,shape_at,color_at,"
-                            "exists,side (default: all but exists)")
+                            "exists,side (default: all but exists), with --hard count_color,count_shape,"
+                            "shape_next_to,color_next_to, and lookup (knowledge questions)")
+    synth.add_argument("--lookup", action="store_true",
+                       help="add knowledge questions (lookup: the value of a made-up property of an object, from "
+                            "a table drawn from the seed), as the shapes-lookup study does")
+    synth.add_argument("--lookup-properties", type=int, default=None,
+                       help="properties in the table (facts: properties x colours x shapes; default: 48)")
+    synth.add_argument("--lookup-questions", type=int, default=None,
+                       help="lookup questions among each image's candidates (default: 4 with --lookup, else 1)")
 
     world = sub.add_parser("world", help="write a held-out world (data the tiny recipes were not tuned on)")
     world.add_argument("name", choices=("single", "scatter"),
@@ -63,13 +71,21 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.data_command == "synth":
         from llava_smoe.data.synth import (
+            DEFAULT_QUESTION_TYPES,
             HARD_WORLD,
+            LOOKUP_WORLD,
             ShapesWorldConfig,
             generate_shapes_world,
         )
 
         world = dict(HARD_WORLD) if args.hard else {}
         for key in ("image_size", "max_shapes"):
+            if getattr(args, key) is not None:
+                world[key] = getattr(args, key)
+        if args.lookup:  # on top of the world chosen (--hard or not)
+            world["question_types"] = [*world.get("question_types", DEFAULT_QUESTION_TYPES), "lookup"]
+            world["lookup_questions"] = LOOKUP_WORLD["lookup_questions"]
+        for key in ("lookup_properties", "lookup_questions"):
             if getattr(args, key) is not None:
                 world[key] = getattr(args, key)
         if args.question_types:

@@ -85,7 +85,7 @@ HARD_WORLD = {
 # from what the LM has stored: properties x colours x shapes facts, a store whose size the world
 # sets, so that the LM's capacity (FFN width, experts) is what a run is short of.
 LOOKUP_VALUES = ("zum", "kel", "vop", "rif", "dax", "wug", "tup", "fep")
-LOOKUP_WORLD = {"question_types": [*DEFAULT_QUESTION_TYPES, "lookup"], "lookup_properties": 24, "lookup_questions": 4}
+LOOKUP_WORLD = {"question_types": [*DEFAULT_QUESTION_TYPES, "lookup"], "lookup_questions": 4}  # the quickstart's + lookup
 CAPTION_ORDERS = ("cells", "random")
 SIDE_OPTIONS = ("fixed", "random")
 
@@ -127,7 +127,7 @@ class ShapesWorldConfig(Config):
     # Knowledge questions (question type "lookup"): how many made-up properties the table holds,
     # and how many lookup questions each image offers among its candidates (their share of the
     # questions asked).
-    lookup_properties: int = 24
+    lookup_properties: int = 48
     lookup_questions: int = 1
 
     @property

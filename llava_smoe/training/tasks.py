@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 # imported when a recipe names them so that registering costs nothing.
 _BUILTIN_TASK_MODULES: dict[str, str] = {
     "clip": "llava_smoe.tasks.clip",
+    "facts": "llava_smoe.tasks.facts",
     "lm": "llava_smoe.tasks.lm",
     "vlm": "llava_smoe.tasks.vlm",
     "toy": "llava_smoe.testing.toy",
