@@ -83,7 +83,8 @@ HARD_WORLD = {
 # shape) a value, one of LOOKUP_VALUES, for each of `lookup_properties` made-up properties. "What
 # is the <property> of the <colour> object?" takes the object's shape from the image and the value
 # from what the LM has stored: properties x colours x shapes facts, a store whose size the world
-# sets, so that the LM's capacity (FFN width, experts) is what a run is short of.
+# sets, the part of a task where the LM's capacity (FFN width, experts) would be expected to matter
+# (docs/results.md: at the tiny recipes' budgets it does not).
 LOOKUP_VALUES = ("zum", "kel", "vop", "rif", "dax", "wug", "tup", "fep")
 LOOKUP_WORLD = {"question_types": [*DEFAULT_QUESTION_TYPES, "lookup"], "lookup_questions": 4}  # the quickstart's + lookup
 CAPTION_ORDERS = ("cells", "random")
