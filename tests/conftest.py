@@ -9,6 +9,16 @@ sys.path.insert(0, os.path.dirname(__file__))  # test helpers (reference impleme
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core box: extra threads cost far more than they give
+    (`pytestmark = pytest.mark.usefixtures("one_thread")` in a module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

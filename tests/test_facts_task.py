@@ -21,12 +21,7 @@ TINY = ["facts.model.architecture.hidden_size=32", "facts.model.architecture.int
         "facts.model.architecture.num_key_value_heads=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe(tmp_path: Path, *overrides: str):

@@ -47,13 +47,7 @@ RECIPE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: thread start-up and contention on a shared 2-core box cost 10x the maths.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_recipe(tmp_path: Path, data: dict | None = None, name: str = "recipe.yaml") -> Path:
