@@ -20,6 +20,7 @@ about shapes, no image) appear only in training, to exercise mixed batches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -196,18 +197,28 @@ _LAST = [c + v for c in "bdfglmnprstv" for v in "aiou"]
 MAX_LOOKUP_PROPERTIES = len(_FIRST) * len(_LAST)
 
 
-def lookup_properties(n: int) -> list[str]:
-    """The first n made-up property names ("bano", "tefi", ...), the same in every world and seed."""
+@functools.cache
+def _property_names() -> tuple[str, ...]:
     words = [a + b for a in _FIRST for b in _LAST]
     random.Random("lookup-properties").shuffle(words)
-    return words[:n]
+    return tuple(words)
+
+
+def lookup_properties(n: int) -> tuple[str, ...]:
+    """The first n made-up property names ("bano", "tefi", ...), the same in every world and seed."""
+    return _property_names()[:n]
 
 
 def lookup_table(config: ShapesWorldConfig) -> dict[tuple[str, str, str], str]:
-    """(property, colour, shape) -> value: the facts lookup questions ask, drawn from the seed."""
-    rng = random.Random(f"lookup/{config.seed}")
-    return {(p, c, s): rng.choice(LOOKUP_VALUES)
-            for p in lookup_properties(config.lookup_properties) for c in config.colors for s in config.shapes}
+    """(property, colour, shape) -> value: the facts lookup questions ask, drawn from the seed
+    (computed once per world: every image's questions read it)."""
+    return _lookup_table(config.seed, config.lookup_properties, tuple(config.colors), tuple(config.shapes))
+
+
+@functools.cache
+def _lookup_table(seed: int, properties: int, colors: tuple[str, ...], shapes: tuple[str, ...]) -> dict:
+    rng = random.Random(f"lookup/{seed}")
+    return {(p, c, s): rng.choice(LOOKUP_VALUES) for p in lookup_properties(properties) for c in colors for s in shapes}
 
 
 def scene_key(scene: list[Obj]) -> str:
@@ -282,10 +293,9 @@ def describe(scene: list[Obj], rng: random.Random | None = None, cells: tuple[st
     return f"There are {NUMBERS[len(parts)]} shapes: {listed}."
 
 
-def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str,
-                        table: dict[tuple[str, str, str], str] | None = None) -> list[tuple[str, str, str]]:
+def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str) -> list[tuple[str, str, str]]:
     """One (question, answer, type) per applicable question type for this scene (lookup:
-    `config.lookup_questions` of them, about distinct properties, from `table`)."""
+    `config.lookup_questions` of them, about distinct properties)."""
     held = set(config.holdout_combos) if split != "heldout" else set()
     CELLS, COLORS, SHAPES = config.cells, config.colors, config.shapes  # noqa: N806 - this world's
     shape_counts = Counter(s for _, _, s in scene)
@@ -357,8 +367,7 @@ def candidate_questions(scene: list[Obj], rng: random.Random, config: ShapesWorl
             else:
                 out.append((f"What color is the shape {relation} the {color} {shape}?", n_color, kind))
     if "lookup" in wanted and unique_colors:
-        table = table if table is not None else lookup_table(config)
-        names = lookup_properties(config.lookup_properties)
+        table, names = lookup_table(config), lookup_properties(config.lookup_properties)
         for prop in rng.sample(names, min(config.lookup_questions, len(names))):
             _, color, shape = rng.choice(unique_colors)
             out.append((f"What is the {prop} of the {color} object?", table[(prop, color, shape)], "lookup"))
@@ -370,9 +379,8 @@ def _by_count(counts: Counter, rng: random.Random) -> str:
     return rng.choice(sorted(k for k, v in counts.items() if v == n))
 
 
-def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str,
-                      table: dict[tuple[str, str, str], str] | None = None) -> tuple[list[dict], list[str]]:
-    candidates = candidate_questions(scene, rng, config, split, table)  # never empty (ALWAYS_ASKABLE)
+def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldConfig, split: str) -> tuple[list[dict], list[str]]:
+    candidates = candidate_questions(scene, rng, config, split)  # never empty (ALWAYS_ASKABLE)
     turns = rng.sample(candidates, min(rng.randint(1, config.max_turns), len(candidates)))
     conversation: list[dict] = []
     for k, (question, answer, _) in enumerate(turns):
@@ -409,7 +417,6 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
     answers: dict[str, Counter] = {}
     types: dict[str, Counter] = {}
     text_lines: list[str] = []
-    table = lookup_table(config) if "lookup" in config.question_types else None
     for split, n in counts.items():
         rng = random.Random(_split_seed(config.seed, split))
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
@@ -419,7 +426,7 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
             rel = f"{split}/{i:06d}.png"
             render_scene(scene, config.image_size, rng, config.size_range, config.jitter,
                          config.grid).save(os.path.join(out_dir, "images", rel))
-            conversation, qtypes = make_conversation(scene, rng, config, split, table)
+            conversation, qtypes = make_conversation(scene, rng, config, split)
             files[f"instruct_{split}"] += _records(f"{split}-{i:06d}", rel, scene, conversation, qtypes, config.single_turn)
             answers[split].update(t["value"] for t in conversation if t["from"] == "gpt")
             types[split].update(qtypes)
@@ -466,8 +473,9 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
         "shapes": list(config.shapes),
         "cells": list(config.cells),
     }
-    if table is not None:  # the facts, so that every lookup answer can be checked
-        manifest["lookup"] = {p: {f"{c} {s_}": v for (p_, c, s_), v in table.items() if p_ == p}
+    if "lookup" in config.question_types:  # the facts, so that every lookup answer can be checked
+        table = lookup_table(config)
+        manifest["lookup"] = {p: {f"{c} {s_}": table[(p, c, s_)] for c in config.colors for s_ in config.shapes}
                               for p in lookup_properties(config.lookup_properties)}
     _write_json(os.path.join(out_dir, "manifest.json"), manifest)
     return manifest

@@ -55,8 +55,12 @@ class FactsTaskConfig(Config):
         return self.properties * self.colors * self.shapes
 
     @property
-    def vocab_size(self) -> int:  # token ids: properties, then colours, shapes and values
-        return self.properties + self.colors + self.shapes + self.values
+    def first_value(self) -> int:  # token ids: properties, then colours, shapes and values
+        return self.properties + self.colors + self.shapes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first_value + self.values
 
 
 class FactTable(Dataset):
@@ -68,7 +72,7 @@ class FactTable(Dataset):
         generator = torch.Generator().manual_seed(seed)
         self.values = torch.randint(config.values, (config.num_facts,), generator=generator)
         self.tokens = torch.stack([index // (c * s), p + index // s % c, p + c + index % s,
-                                   p + c + s + self.values], dim=1)
+                                   config.first_value + self.values], dim=1)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -88,14 +92,13 @@ def collate(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 def build_facts_task(config: FactsTaskConfig, run) -> TaskParts:
     table = FactTable(config, run.train.seed)  # the seed's table: the same for every variant of a seed
     model = config.model.build(vocab_size=config.vocab_size, max_seq_len=4)
-    first_value = config.properties + config.colors + config.shapes
 
     @torch.no_grad()
     def recall(model) -> dict[str, float]:
         correct = 0
         for start in range(0, len(table), EVAL_CHUNK):
             rows = table.tokens[start:start + EVAL_CHUNK]
-            logits = model(input_ids=rows[:, :3]).logits[:, -1, first_value:]
+            logits = model(input_ids=rows[:, :3]).logits[:, -1, config.first_value:]
             correct += int((logits.argmax(-1) == table.values[start:start + EVAL_CHUNK]).sum())
         return {"eval/accuracy": correct / len(table)}
 
