@@ -246,7 +246,7 @@ def test_committed_specs_validate_every_shared_stage_and_cell(tmp_path, capsys):
     folder = ROOT / "train" / "study"
     specs = [p for p in sorted(folder.glob("*.yaml")) if {"variants", "extends"} & set(yaml.safe_load(p.read_text()))]
     assert {p.name for p in specs} >= {"text-routers.yaml", "shapes-hard.yaml", "shapes-hard-long.yaml",
-                                      "shapes-lookup.yaml", "facts-capacity.yaml"}
+                                      "shapes-lookup.yaml", "facts-capacity.yaml", "facts-lr-sweep.yaml"}
     for path in specs:
         assert main(["study", str(path), "--out", str(tmp_path / path.stem), "--dry-run"]) == 0, path.name
     assert "dense_wide/s2: " in capsys.readouterr().out
@@ -365,3 +365,54 @@ def test_accuracy_logged_in_training_is_compared_at_equal_wall_clock(tmp_path):
     for name in ("curves_eval_accuracy.png", "curves_eval_loss.png"):
         width, height = _png_size(tmp_path / name)
         assert width > 200 and height > 200
+
+
+def test_a_sweep_runs_every_variant_at_each_value_and_reports_each_best(tmp_path, capsys):
+    """`sweep`: cells <variant>@<value> with the value's override last, each compared with the
+    baseline at the same value; each variant's best value by its mean, and best against best."""
+    from llava_smoe.cli import main
+    from llava_smoe.config import ConfigError
+    from llava_smoe.study.report import write_report
+    from llava_smoe.study.spec import load_spec
+
+    path = write_spec(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["sweep"] = {"key": "optim.groups.0.lr", "values": [2.5e-3, 1.0e-2]}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    spec, _ = load_spec(path)
+    assert list(spec.cell_variants) == ["smoe@0.0025", "smoe@0.01", "competesmoe@0.0025", "competesmoe@0.01"]
+    assert spec.cell_variants["competesmoe@0.01"] == [*data["variants"]["competesmoe"], "optim.groups.0.lr=0.01"]
+    assert spec.baseline_of("competesmoe@0.0025") == "smoe@0.0025"
+    assert main(["study", str(path), "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^competesmoe@0\.01/s1: .*optim\.groups\.0\.lr=0\.01 ", printed, re.M), printed
+
+    # eval/loss per (variant, value, seed): smoe is best at 0.01, competesmoe at 0.0025.
+    loss = {("smoe", "0.0025"): (3.0, 3.2), ("smoe", "0.01"): (2.0, 2.4),
+            ("competesmoe", "0.0025"): (1.5, 2.1), ("competesmoe", "0.01"): (2.5, 2.5)}
+    records = [{"variant": f"{v}@{value}", "seed": seed, "status": "done",
+                "metrics": {"eval/loss": x, "train/loss": x, "tokens": 2000, "steps": 40, "seconds_per_step": 0.1},
+                "provenance": {"device": "cpu", "code": {"commit": "0" * 40}}}
+               for (v, value), losses in loss.items() for seed, x in zip((0, 1), losses)]
+    report = write_report(spec, records, tmp_path)
+    # At the same value: competesmoe@0.01 - smoe@0.01 = (+0.5, +0.1).
+    assert report["paired"]["competesmoe@0.01"]["eval/loss"]["mean_diff"] == pytest.approx(0.3)
+    assert report["paired"]["competesmoe@0.0025"]["eval/loss"]["mean_diff"] == pytest.approx(-1.3)
+    sweep = report["sweep"]
+    assert {v: b["value"] for v, b in sweep["best"].items()} == {"smoe": "0.01", "competesmoe": "0.0025"}
+    best = sweep["paired_best"]["competesmoe"]  # (1.5, 2.1) against (2.0, 2.4)
+    assert best["mean_diff"] == pytest.approx(-0.4) and best["seeds"] == [0, 1]
+    md = (tmp_path / "study.md").read_text()
+    assert "| competesmoe | **1.8000** | 2.5000 | 0.0025 | -0.4000" in md, md
+    assert any(v.startswith("competesmoe at its best (competesmoe@0.0025)'s eval/loss is 0.4 lower (better) "
+                            "than smoe@0.01 (the baseline's best)") for v in report["verdicts"]), report["verdicts"]
+
+    data["variants"]["competesmoe"].append("optim.groups.0.lr=1e-3")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=re.escape("variants.competesmoe: sets optim.groups.0.lr, which the sweep sets")):
+        load_spec(path)
+    data["variants"]["competesmoe"].pop()
+    data["sweep"]["values"] = [1.0e-2]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=re.escape("sweep.values: a sweep needs at least two values")):
+        load_spec(path)

@@ -30,21 +30,22 @@ def _values(cells: list[dict], variant: str, key: str) -> dict[int, float]:
 
 def aggregate(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str, Any]:
     cells = [r for r in records if r and r.get("status") == "done"]
-    base = spec.baseline
-    variants = list(spec.variants)
+    variants = list(spec.cell_variants)
     under = [f"{c['variant']}/s{c['seed']} ({c['metrics']['tokens']:,} tokens)" for c in cells
              if c["metrics"]["tokens"] < spec.min_tokens]
     report: dict[str, Any] = {
-        "name": spec.name, "recipe": spec.recipe, "seeds": spec.seeds, "baseline": base,
+        "name": spec.name, "recipe": spec.recipe, "seeds": spec.seeds, "baseline": spec.baseline,
         "primary": {"name": spec.primary.name, "goal": spec.primary.goal}, "secondary": spec.secondary,
         "min_tokens": spec.min_tokens, "under_budget": under,
         "environment": _environment(cells[0]) if cells else {},
         "environments": _environments(cells),
         "cells": [{"variant": c["variant"], "seed": c["seed"],
                    "metrics": {k: v for k, v in c["metrics"].items() if k != "curve"}} for c in cells],
+        "baseline_of": {v: spec.baseline_of(v) for v in variants},
         "variants": {}, "paired": {}, "overhead": {},
     }
     for v in variants:
+        base = spec.baseline_of(v)
         stats = {}
         for key in (*spec.metrics, *COST):
             values = list(_values(cells, v, key).values())
@@ -66,8 +67,35 @@ def aggregate(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str, Any]:
         if ratios:
             report["overhead"][v] = summarize(ratios).to_dict()
     report["equal_wall_clock"] = _equal_wall_clock(spec, cells, variants)
+    report["sweep"] = _sweep(spec, cells, report) if spec.sweep else None
     report["verdicts"] = verdicts(report)
     return report
+
+
+def _sweep(spec: StudySpec, cells: list[dict], report: dict[str, Any]) -> dict[str, Any]:
+    """Each variant at its best sweep value (by the primary metric's mean over seeds), and the
+    paired difference of each best against the baseline's best. Choosing on the same seeds flatters
+    every best alike; the per-value comparisons are the unselected ones."""
+    name, goal = spec.primary.name, spec.primary.goal
+    means = {v: {label: report["variants"][cv][name]["mean"] for label, cv in spec.swept(v).items()
+                 if name in report["variants"][cv]} for v in spec.variants}
+    best = {}
+    for v, by_label in means.items():
+        if by_label:
+            label = (min if goal == "min" else max)(by_label, key=by_label.get)
+            best[v] = {"value": label, "cell_variant": spec.swept(v)[label], "mean": by_label[label]}
+    paired = {}
+    if spec.baseline in best:
+        theirs = _values(cells, best[spec.baseline]["cell_variant"], name)
+        for v, b in best.items():
+            if v == spec.baseline:
+                continue
+            mine = _values(cells, b["cell_variant"], name)
+            seeds = sorted(set(mine) & set(theirs))
+            if seeds:
+                paired[v] = {**paired_test([mine[s] for s in seeds], [theirs[s] for s in seeds]).to_dict(), "seeds": seeds}
+    return {"key": spec.sweep.key, "values": spec.sweep.labels, "metric": name, "means": means,
+            "best": best, "paired_best": paired}
 
 
 def _environment(cell: dict) -> dict[str, Any]:
@@ -111,11 +139,12 @@ def _equal_wall_clock(spec: StudySpec, cells: list[dict], variants: list[str]) -
     for v in variants:
         if at[v]:
             out["variants"][v] = summarize(list(at[v].values())).to_dict()
-        if v != spec.baseline:
-            seeds = sorted(set(at[v]) & set(at[spec.baseline]))
+        base = spec.baseline_of(v)
+        if v != base:
+            seeds = sorted(set(at[v]) & set(at[base]))
             if seeds:
                 out["paired"][v] = {**paired_test([at[v][s] for s in seeds],
-                                                  [at[spec.baseline][s] for s in seeds]).to_dict(), "seeds": seeds}
+                                                  [at[base][s] for s in seeds]).to_dict(), "seeds": seeds}
     return out
 
 
@@ -126,17 +155,24 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 def verdicts(report: dict[str, Any]) -> list[str]:
-    """One sentence per variant on the primary metric against the baseline."""
-    name, goal, base = report["primary"]["name"], report["primary"]["goal"], report["baseline"]
+    """One sentence per variant on the primary metric against the baseline (with a sweep: at the
+    same value, then each variant's best against the baseline's best)."""
+    name, goal = report["primary"]["name"], report["primary"]["goal"]
+    compared = [(v, paired.get(name), report["baseline_of"].get(v, report["baseline"]), report["overhead"].get(v))
+                for v, paired in report["paired"].items()]
+    sweep = report.get("sweep")
+    if sweep:
+        best = sweep["best"]
+        compared += [(f"{v} at its best ({b['cell_variant']})", sweep["paired_best"].get(v),
+                      best[report["baseline"]]["cell_variant"] + " (the baseline's best)", None)
+                     for v, b in best.items() if v != report["baseline"]]
     out = []
-    for v, paired in report["paired"].items():
-        p = paired.get(name)
+    for v, p, base, cost in compared:
         if p is None:
             continue
         diff = p["mean_diff"]
         better = diff < 0 if goal == "min" else diff > 0
         direction = ("lower" if diff < 0 else "higher") + (" (better)" if better else " (worse)") if diff else "equal"
-        cost = report["overhead"].get(v)
         cost_text = f" at {cost['mean']:.2f}x its training time per step" if cost else ""
         if p["ci_low"] is None:
             noise = "too few paired seeds for an interval"
@@ -151,6 +187,13 @@ def verdicts(report: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     name, base = report["primary"]["name"], report["baseline"]
+    sweep = report.get("sweep")
+    baseline_of = report.get("baseline_of", {})
+
+    def is_baseline(v: str) -> bool:
+        return v == baseline_of.get(v, base)
+
+    vs = f"{base} at the same {sweep['key']}" if sweep else base
     env = report.get("environment", {})
     lines = [f"# Study: {report['name']}", "",
              f"Recipe `{report['recipe']}`, seeds {report['seeds']}, baseline `{base}`, primary metric "
@@ -164,7 +207,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"**Under the token budget ({report['min_tokens']:,}):** " + ", ".join(report["under_budget"]), ""]
     metrics = [name, *[m for m in report["secondary"] if m != name]]
     lines += ["## At equal steps", "",
-              "| variant | n | " + " | ".join(f"{m} mean (sd) [95% CI]" for m in metrics) + f" | {name}: diff vs {base} [95% CI], p |",
+              "| variant | n | " + " | ".join(f"{m} mean (sd) [95% CI]" for m in metrics) + f" | {name}: diff vs {vs} [95% CI], p |",
               "| --- | ---: | " + " | ".join("---:" for _ in metrics) + " | ---: |"]
     for v, stats in report["variants"].items():
         cells = []
@@ -172,8 +215,8 @@ def markdown(report: dict[str, Any]) -> str:
             s = stats.get(m)
             cells.append("-" if s is None else f"{_fmt(s['mean'])} ({_fmt(s['sd'])}) [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]")
         p = report["paired"].get(v, {}).get(name)
-        diff = "baseline" if v == base else ("-" if p is None else
-                                              f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
+        diff = "baseline" if is_baseline(v) else ("-" if p is None else
+                                                   f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
         n = stats.get(name, {}).get("n", 0)
         lines.append(f"| {v} | {n} | " + " | ".join(cells) + f" | {diff} |")
     lines += ["", "## Cost", "",
@@ -183,18 +226,18 @@ def markdown(report: dict[str, Any]) -> str:
         def mean(k, digits=4):
             return _fmt(stats[k]["mean"], digits) if k in stats else "-"
         o = report["overhead"].get(v)
-        ratio = "1.00" if v == base else ("-" if o is None else f"{o['mean']:.2f} [{_fmt(o['ci_low'], 2)}, {_fmt(o['ci_high'], 2)}]")
+        ratio = "1.00" if is_baseline(v) else ("-" if o is None else f"{o['mean']:.2f} [{_fmt(o['ci_low'], 2)}, {_fmt(o['ci_high'], 2)}]")
         lines.append(f"| {v} | {mean('seconds_per_step')} | {mean('tokens_per_s', 0)} | {ratio} | "
                      f"{mean('expert_evals_per_token', 2)} | {mean('load_cv', 3)} | {mean('dead_experts', 1)} | {mean('tokens', 0)} |")
     ewc = report.get("equal_wall_clock")
     if ewc:
         lines += ["", f"## At equal wall-clock ({ewc['metric']} after {ewc['seconds']:.0f} s of training, the fastest "
                       "variant's mean time)", "",
-                  f"| variant | n | mean [95% CI] | diff vs {base} [95% CI], p |", "| --- | ---: | ---: | ---: |"]
+                  f"| variant | n | mean [95% CI] | diff vs {vs} [95% CI], p |", "| --- | ---: | ---: | ---: |"]
         for v, s in ewc["variants"].items():
             p = ewc["paired"].get(v)
-            diff = "baseline" if v == base else ("-" if p is None else
-                                                  f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
+            diff = "baseline" if is_baseline(v) else ("-" if p is None else
+                                                       f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
             lines.append(f"| {v} | {s['n']} | {_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {diff} |")
         if ewc.get("seeds_not_reached"):
             missing = "; ".join(f"{v} s{', s'.join(map(str, seeds))}" for v, seeds in ewc["seeds_not_reached"].items())
@@ -203,6 +246,22 @@ def markdown(report: dict[str, Any]) -> str:
         if ewc.get("not_reached"):
             lines += ["", f"No {ewc['metric']} logged by then for: {', '.join(ewc['not_reached'])} (their cells evaluated "
                           "later: set `train.eval_every` in the recipe for a curve to compare at equal wall-clock)."]
+    if sweep:
+        labels = sweep["values"]
+        lines += ["", f"## The sweep: every variant at each {sweep['key']}", "",
+                  f"{name} mean over seeds at each value, the best per variant in bold, and each variant's best "
+                  f"against {base}'s best, paired on the seeds (chosen on these same seeds, which flatters every "
+                  "best alike; the tables above compare at equal values).", "",
+                  "| variant | " + " | ".join(labels) + f" | best | best vs {base}'s best [95% CI], p |",
+                  "| --- | " + " | ".join("---:" for _ in labels) + " | ---: | ---: |"]
+        for v, means in sweep["means"].items():
+            b = sweep["best"].get(v, {})
+            row = [("**" + _fmt(means[lab]) + "**" if lab == b.get("value") else _fmt(means[lab])) if lab in means else "-"
+                   for lab in labels]
+            p = sweep["paired_best"].get(v)
+            diff = "baseline" if v == base else ("-" if p is None else
+                                                 f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
+            lines.append(f"| {v} | " + " | ".join(row) + f" | {b.get('value', '-')} | {diff} |")
     lines += ["", "## Verdict on the primary metric", "", *[f"- {v}" for v in report["verdicts"]], ""]
     return "\n".join(lines)
 
@@ -215,10 +274,11 @@ def plots(spec: StudySpec, records: list[dict[str, Any]], report: dict[str, Any]
 
     cells = [r for r in records if r and r.get("status") == "done"]
     written = []
-    colors = {v: f"C{i}" for i, v in enumerate(spec.variants)}
+    variants = list(spec.cell_variants)
+    colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
     for metric in dict.fromkeys(("eval/loss", "eval/accuracy", spec.wall_clock_metric)):
         by_variant = {v: [[p for p in c["metrics"].get("curve") or [] if metric in p]
-                          for c in cells if c["variant"] == v] for v in spec.variants}
+                          for c in cells if c["variant"] == v] for v in variants}
         by_variant = {v: [cur for cur in curves if cur] for v, curves in by_variant.items()}
         if not any(by_variant.values()):
             continue
@@ -237,8 +297,8 @@ def plots(spec: StudySpec, records: list[dict[str, Any]], report: dict[str, Any]
         ax.set_title(f"{spec.name}: {metric} against tokens")
         written.append(_save(fig, out / f"curves_{metric.replace('/', '_')}.png"))
     name = spec.primary.name
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(spec.variants)), 4))
-    for i, v in enumerate(spec.variants):
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(variants)), 4))
+    for i, v in enumerate(variants):
         values = list(_values(cells, v, name).values())
         if not values:
             continue
@@ -247,20 +307,20 @@ def plots(spec: StudySpec, records: list[dict[str, Any]], report: dict[str, Any]
         if s.ci_low is not None:
             ax.errorbar([i + 0.15], [s.mean], yerr=[[s.mean - s.ci_low], [s.ci_high - s.mean]], fmt="o", color="k",
                         capsize=4)
-    ax.set_xticks(range(len(spec.variants)))
-    ax.set_xticklabels(list(spec.variants), rotation=20)
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels(variants, rotation=20)
     ax.set_ylabel(f"final {name} (dots: seeds; bar: mean, 95% CI)")
     ax.set_title(f"{spec.name}: {name}")
     written.append(_save(fig, out / f"final_{name.replace('/', '_')}.png"))
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(spec.variants)), 4))
-    for i, v in enumerate(spec.variants):
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(variants)), 4))
+    for i, v in enumerate(variants):
         s = report["variants"][v].get("seconds_per_step")
         if s is None:
             continue
         err = None if s["ci_low"] is None else [[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]]
         ax.bar([i], [s["mean"]], color=colors[v], yerr=err, capsize=4)
-    ax.set_xticks(range(len(spec.variants)))
-    ax.set_xticklabels(list(spec.variants), rotation=20)
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels(variants, rotation=20)
     ax.set_ylabel("training seconds per optimizer step (95% CI)")
     ax.set_title(f"{spec.name}: cost")
     written.append(_save(fig, out / "overhead.png"))

@@ -132,7 +132,7 @@ class Study:
         self.log = log
         self._lock = threading.Lock()
         # Seed-major: a study stopped part way has every variant at the same seeds.
-        self.cells = [Cell(v, s, out / "cells" / v / f"s{s}") for s in spec.seeds for v in spec.variants]
+        self.cells = [Cell(v, s, out / "cells" / v / f"s{s}") for s in spec.seeds for v in spec.cell_variants]
 
     # -- commands ----------------------------------------------------------------------------------
     def _placeholders(self, seed: int, cell: Path | None = None) -> dict[str, str]:
@@ -154,7 +154,7 @@ class Study:
     def cell_overrides(self, cell: Cell) -> list[str]:
         values = self._placeholders(cell.seed, cell.folder)
         return [*self._expand(self.spec.overrides, values, "overrides"),
-                *self._expand(self.spec.variants[cell.variant], values, f"variants.{cell.variant}"),
+                *self._expand(self.spec.cell_variants[cell.variant], values, f"variants.{cell.variant.partition('@')[0]}"),
                 f"train.seed={cell.seed}", f"train.output_dir={cell.run_dir}", "train.resume=auto",
                 f"train.save_every={self.spec.save_every}", "train.progress_bar=false", "train.tensorboard=false"]
 

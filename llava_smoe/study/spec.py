@@ -15,6 +15,12 @@
       - {name: data, synth: {num_train: 8000}}          # the shapes world, generated with the seed
       - {name: stage1, recipe: ../tiny/pretrain.yaml, overrides: [...]}
     evaluate: {data: "{shared}/data/instruct_test.json", image_folder: "{shared}/data/images"}
+    sweep: {key: optim.groups.0.lr, values: [2.5e-4, 5.0e-4, 1.0e-3]}  # optional: every variant at each
+
+With a `sweep`, every variant runs at every value (cells `<variant>@<value>`, the value's override
+after the variant's own), each is compared with the baseline at the same value, and the report
+adds each variant at its best value: the same small sweep for every variant, so that none is
+tuned more than another.
 
 A spec may extend another in its folder (`extends: shapes-hard.yaml`): every key it sets
 replaces the base's, except `overrides`, which come after the base's (the later setting wins),
@@ -94,6 +100,31 @@ class EvaluationSpec(Config):
 
 
 @dataclass
+class SweepSpec(Config):
+    """One setting every variant runs at each of `values` (e.g. the learning rate)."""
+
+    key: str
+    values: list[Any]
+
+    def validate(self) -> None:
+        if not self.key or "=" in self.key:
+            raise invalid("key", f"a dotted config key, got {self.key!r}")
+        if len(self.values) < 2:
+            raise invalid("values", f"a sweep needs at least two values, got {self.values}")
+        labels = self.labels
+        if len(set(labels)) != len(labels):
+            raise invalid("values", f"values must be distinct, got {labels}")
+        for label in labels:
+            if not label or "/" in label or label.startswith("."):
+                raise invalid("values", f"{label!r} names folders: no '/', no leading '.'")
+
+    @property
+    def labels(self) -> list[str]:
+        """Each value as written in overrides and cell names (floats as %g: 2.5e-4 -> 0.00025)."""
+        return [f"{v:g}" if isinstance(v, float) else str(v) for v in self.values]
+
+
+@dataclass
 class StudySpec(Config):
     name: str
     recipe: str
@@ -111,6 +142,7 @@ class StudySpec(Config):
     # The metric compared at equal wall-clock: one logged during training (at train.eval_every),
     # eval/loss or, with vlm.eval_accuracy, eval/accuracy (on the eval set, not `evaluate`'s).
     wall_clock_metric: str = "eval/loss"
+    sweep: SweepSpec | None = None
 
     def validate(self) -> None:
         if not self.variants:
@@ -136,12 +168,36 @@ class StudySpec(Config):
         names = [s.name for s in self.shared]
         if len(set(names)) != len(names):
             raise invalid("shared", f"stage names must be unique, got {names}")
+        if self.sweep is not None:
+            for name, overrides in self.variants.items():
+                if any(o.partition("=")[0].strip() == self.sweep.key for o in overrides):
+                    raise invalid(f"variants.{name}", f"sets {self.sweep.key}, which the sweep sets for every variant")
         if self.min_tokens < 0 or self.save_every < 1:
             raise invalid("save_every" if self.save_every < 1 else "min_tokens", "must be positive")
 
     @property
     def metrics(self) -> list[str]:
         return [self.primary.name, *[m for m in self.secondary if m != self.primary.name]]
+
+    @property
+    def cell_variants(self) -> dict[str, list[str]]:
+        """What the cells run: the variants, or with a sweep each variant at each value."""
+        if self.sweep is None:
+            return dict(self.variants)
+        return {f"{v}@{label}": [*overrides, f"{self.sweep.key}={label}"]
+                for v, overrides in self.variants.items() for label in self.sweep.labels}
+
+    def baseline_of(self, cell_variant: str) -> str:
+        """The cell variant `cell_variant` is compared with: the baseline at the same sweep value."""
+        if self.sweep is None:
+            return self.baseline
+        return f"{self.baseline}@{cell_variant.rpartition('@')[2]}"
+
+    def swept(self, variant: str) -> dict[str, str]:
+        """A variant's cell variants by sweep value label ({} without a sweep)."""
+        if self.sweep is None:
+            return {}
+        return {label: f"{variant}@{label}" for label in self.sweep.labels}
 
 
 def load_spec(path: str | Path) -> tuple[StudySpec, Path]:
