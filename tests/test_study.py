@@ -385,7 +385,7 @@ def test_a_sweep_runs_every_variant_at_each_value_and_reports_each_best(tmp_path
     assert spec.baseline_of("competesmoe@0.0025") == "smoe@0.0025"
     assert main(["study", str(path), "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"^competesmoe@0\.01/s1: .*optim\.groups\.0\.lr=0\.01 ", printed, re.M), printed
+    assert re.search(r"^competesmoe@0\.01/s1: .*optim\.groups\.0\.lr=0\.01 ", printed, re.MULTILINE), printed
 
     # eval/loss per (variant, value, seed): smoe is best at 0.01, competesmoe at 0.0025.
     loss = {("smoe", "0.0025"): (3.0, 3.2), ("smoe", "0.01"): (2.0, 2.4),

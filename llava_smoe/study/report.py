@@ -249,9 +249,9 @@ def markdown(report: dict[str, Any]) -> str:
     if sweep:
         labels = sweep["values"]
         lines += ["", f"## The sweep: every variant at each {sweep['key']}", "",
-                  f"{name} mean over seeds at each value, the best per variant in bold, and each variant's best "
-                  f"against {base}'s best, paired on the seeds (chosen on these same seeds, which flatters every "
-                  "best alike; the tables above compare at equal values).", "",
+                  (f"{name} mean over seeds at each value, the best per variant in bold, and each variant's best "
+                   f"against {base}'s best, paired on the seeds (chosen on these same seeds, which flatters every "
+                   "best alike; the tables above compare at equal values)."), "",
                   "| variant | " + " | ".join(labels) + f" | best | best vs {base}'s best [95% CI], p |",
                   "| --- | " + " | ".join("---:" for _ in labels) + " | ---: | ---: |"]
         for v, means in sweep["means"].items():
