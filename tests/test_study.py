@@ -402,6 +402,8 @@ def test_a_sweep_runs_every_variant_at_each_value_and_reports_each_best(tmp_path
     assert {v: b["value"] for v, b in sweep["best"].items()} == {"smoe": "0.01", "competesmoe": "0.0025"}
     best = sweep["paired_best"]["competesmoe"]  # (1.5, 2.1) against (2.0, 2.4)
     assert best["mean_diff"] == pytest.approx(-0.4) and best["seeds"] == [0, 1]
+    width, height = _png_size(tmp_path / "sweep_eval_loss.png")
+    assert width > 200 and height > 200
     md = (tmp_path / "study.md").read_text()
     assert "| competesmoe | **1.8000** | 2.5000 | 0.0025 | -0.4000" in md, md
     assert any(v.startswith("competesmoe at its best (competesmoe@0.0025)'s eval/loss is 0.4 lower (better) "

@@ -275,7 +275,8 @@ def plots(spec: StudySpec, records: list[dict[str, Any]], report: dict[str, Any]
     cells = [r for r in records if r and r.get("status") == "done"]
     written = []
     variants = list(spec.cell_variants)
-    colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    palette = plt.get_cmap("tab20") if len(variants) > 10 else None
+    colors = {v: palette(i % 20) if palette else f"C{i}" for i, v in enumerate(variants)}
     for metric in dict.fromkeys(("eval/loss", "eval/accuracy", spec.wall_clock_metric)):
         by_variant = {v: [[p for p in c["metrics"].get("curve") or [] if metric in p]
                           for c in cells if c["variant"] == v] for v in variants}
@@ -312,6 +313,8 @@ def plots(spec: StudySpec, records: list[dict[str, Any]], report: dict[str, Any]
     ax.set_ylabel(f"final {name} (dots: seeds; bar: mean, 95% CI)")
     ax.set_title(f"{spec.name}: {name}")
     written.append(_save(fig, out / f"final_{name.replace('/', '_')}.png"))
+    if spec.sweep:
+        written.append(_sweep_plot(spec, cells, out))
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(variants)), 4))
     for i, v in enumerate(variants):
         s = report["variants"][v].get("seconds_per_step")
@@ -325,6 +328,33 @@ def plots(spec: StudySpec, records: list[dict[str, Any]], report: dict[str, Any]
     ax.set_title(f"{spec.name}: cost")
     written.append(_save(fig, out / "overhead.png"))
     return written
+
+
+def _sweep_plot(spec: StudySpec, cells: list[dict], out: Path) -> Path:
+    """The primary metric against the swept value, one line per variant (band: min-max over seeds)."""
+    import matplotlib.pyplot as plt
+
+    name, labels = spec.primary.name, spec.sweep.labels
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, v in enumerate(spec.variants):
+        xs, means, lows, highs = [], [], [], []
+        for x, label in enumerate(labels):
+            values = list(_values(cells, spec.swept(v)[label], name).values())
+            if values:
+                xs.append(x)
+                means.append(sum(values) / len(values))
+                lows.append(min(values))
+                highs.append(max(values))
+        if xs:
+            ax.plot(xs, means, "o-", color=f"C{i % 10}", label=v)
+            ax.fill_between(xs, lows, highs, color=f"C{i % 10}", alpha=0.15)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels)
+    ax.set_xlabel(spec.sweep.key)
+    ax.set_ylabel(f"final {name} (mean; band: min-max over seeds)")
+    ax.legend()
+    ax.set_title(f"{spec.name}: {name} against {spec.sweep.key}")
+    return _save(fig, out / f"sweep_{name.replace('/', '_')}.png")
 
 
 def _save(fig, path: Path) -> Path:
