@@ -377,19 +377,21 @@ def test_a_sweep_runs_every_variant_at_each_value_and_reports_each_best(tmp_path
 
     path = write_spec(tmp_path)
     data = yaml.safe_load(path.read_text())
-    data["sweep"] = {"key": "optim.groups.0.lr", "values": [2.5e-3, 1.0e-2]}
+    data["sweep"] = {"key": "optim.groups.0.lr", "values": [2.5e-3, 5.0e-3, 1.0e-2]}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     spec, _ = load_spec(path)
-    assert list(spec.cell_variants) == ["smoe@0.0025", "smoe@0.01", "competesmoe@0.0025", "competesmoe@0.01"]
+    assert list(spec.cell_variants) == ["smoe@0.0025", "smoe@0.005", "smoe@0.01",
+                                        "competesmoe@0.0025", "competesmoe@0.005", "competesmoe@0.01"]
     assert spec.cell_variants["competesmoe@0.01"] == [*data["variants"]["competesmoe"], "optim.groups.0.lr=0.01"]
     assert spec.baseline_of("competesmoe@0.0025") == "smoe@0.0025"
     assert main(["study", str(path), "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^competesmoe@0\.01/s1: .*optim\.groups\.0\.lr=0\.01 ", printed, re.MULTILINE), printed
 
-    # eval/loss per (variant, value, seed): smoe is best at 0.01, competesmoe at 0.0025.
-    loss = {("smoe", "0.0025"): (3.0, 3.2), ("smoe", "0.01"): (2.0, 2.4),
-            ("competesmoe", "0.0025"): (1.5, 2.1), ("competesmoe", "0.01"): (2.5, 2.5)}
+    # eval/loss per (variant, value, seed): smoe is best at 0.01 (an end), competesmoe at 0.005.
+    loss = {("smoe", "0.0025"): (3.0, 3.2), ("smoe", "0.005"): (2.6, 2.8), ("smoe", "0.01"): (2.0, 2.4),
+            ("competesmoe", "0.0025"): (1.9, 2.3), ("competesmoe", "0.005"): (1.5, 2.1),
+            ("competesmoe", "0.01"): (2.5, 2.5)}
     records = [{"variant": f"{v}@{value}", "seed": seed, "status": "done",
                 "metrics": {"eval/loss": x, "train/loss": x, "tokens": 2000, "steps": 40, "seconds_per_step": 0.1},
                 "provenance": {"device": "cpu", "code": {"commit": "0" * 40}}}
@@ -397,16 +399,18 @@ def test_a_sweep_runs_every_variant_at_each_value_and_reports_each_best(tmp_path
     report = write_report(spec, records, tmp_path)
     # At the same value: competesmoe@0.01 - smoe@0.01 = (+0.5, +0.1).
     assert report["paired"]["competesmoe@0.01"]["eval/loss"]["mean_diff"] == pytest.approx(0.3)
-    assert report["paired"]["competesmoe@0.0025"]["eval/loss"]["mean_diff"] == pytest.approx(-1.3)
+    assert report["paired"]["competesmoe@0.005"]["eval/loss"]["mean_diff"] == pytest.approx(-0.9)
     sweep = report["sweep"]
-    assert {v: b["value"] for v, b in sweep["best"].items()} == {"smoe": "0.01", "competesmoe": "0.0025"}
+    assert {v: b["value"] for v, b in sweep["best"].items()} == {"smoe": "0.01", "competesmoe": "0.005"}
+    assert sweep["best_at_edge"] == ["smoe"]
     best = sweep["paired_best"]["competesmoe"]  # (1.5, 2.1) against (2.0, 2.4)
     assert best["mean_diff"] == pytest.approx(-0.4) and best["seeds"] == [0, 1]
     width, height = _png_size(tmp_path / "sweep_eval_loss.png")
     assert width > 200 and height > 200
     md = (tmp_path / "study.md").read_text()
-    assert "| competesmoe | **1.8000** | 2.5000 | 0.0025 | -0.4000" in md, md
-    assert any(v.startswith("competesmoe at its best (competesmoe@0.0025)'s eval/loss is 0.4 lower (better) "
+    assert "| competesmoe | 2.1000 | **1.8000** | 2.5000 | 0.005 | -0.4000" in md, md
+    assert "**Best at an end of the sweep** (the optimum may lie beyond it): smoe." in md
+    assert any(v.startswith("competesmoe at its best (competesmoe@0.005)'s eval/loss is 0.4 lower (better) "
                             "than smoe@0.01 (the baseline's best)") for v in report["verdicts"]), report["verdicts"]
 
     data["variants"]["competesmoe"].append("optim.groups.0.lr=1e-3")

@@ -94,8 +94,11 @@ def _sweep(spec: StudySpec, cells: list[dict], report: dict[str, Any]) -> dict[s
             seeds = sorted(set(mine) & set(theirs))
             if seeds:
                 paired[v] = {**paired_test([mine[s] for s in seeds], [theirs[s] for s in seeds]).to_dict(), "seeds": seeds}
+    # A best at either end of the values may lie beyond them: the sweep has not bracketed it.
+    ends = (spec.sweep.labels[0], spec.sweep.labels[-1])
+    at_edge = [v for v, b in best.items() if b["value"] in ends]
     return {"key": spec.sweep.key, "values": spec.sweep.labels, "metric": name, "means": means,
-            "best": best, "paired_best": paired}
+            "best": best, "paired_best": paired, "best_at_edge": at_edge}
 
 
 def _environment(cell: dict) -> dict[str, Any]:
@@ -262,6 +265,9 @@ def markdown(report: dict[str, Any]) -> str:
             diff = "baseline" if v == base else ("-" if p is None else
                                                  f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
             lines.append(f"| {v} | " + " | ".join(row) + f" | {b.get('value', '-')} | {diff} |")
+        if sweep.get("best_at_edge"):
+            lines += ["", f"**Best at an end of the sweep** (the optimum may lie beyond it): "
+                          f"{', '.join(sweep['best_at_edge'])}."]
     lines += ["", "## Verdict on the primary metric", "", *[f"- {v}" for v in report["verdicts"]], ""]
     return "\n".join(lines)
 
