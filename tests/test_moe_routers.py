@@ -210,3 +210,31 @@ def test_expert_evaluations_of_remoe_mot_and_competition():
     configure_moe_schedule(compete, 10)
     compete(x)
     assert routing_stats(compete)[""]["expert_evals_per_token"] == pytest.approx(4.0)  # every expert
+
+
+def test_threads_validating_at_once_see_every_router():
+    """The first lookup imports the router modules; a second thread asking meanwhile (a study's
+    workers resolving their cells' configs) must wait for them, not read a half-filled registry."""
+    script = """
+import importlib, threading, time
+import llava_smoe.moe.routers as routers
+real = importlib.import_module
+def slow(name, *args):
+    time.sleep(0.05)
+    return real(name, *args)
+routers.importlib = type("slow_importlib", (), {"import_module": staticmethod(slow)})
+seen = []
+threads = [threading.Thread(target=lambda: seen.append(routers.available_routers())) for _ in range(2)]
+for t in threads:
+    t.start()
+    time.sleep(0.01)
+for t in threads:
+    t.join()
+print(seen)
+assert seen == [sorted(routers.BUILTIN_ROUTERS)] * 2, seen
+"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

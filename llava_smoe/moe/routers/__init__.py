@@ -7,11 +7,14 @@ Adding a router is adding one file here that defines a `Router` subclass decorat
 from __future__ import annotations
 
 import importlib
+import threading
 
 _REGISTRY: dict[str, type] = {}
 # The routers that ship with the package (their modules are imported on first use).
 BUILTIN_ROUTERS = ("smoe", "competesmoe", "remoe", "mot", "xmoe", "sigmoid")
 _loaded = False
+# Threads validating configs at once (a study's workers) must not see a half-filled registry.
+_load_lock = threading.RLock()
 
 
 def register_router(name: str):
@@ -27,10 +30,13 @@ def register_router(name: str):
 
 def _load_builtin() -> None:
     global _loaded
-    if not _loaded:
-        _loaded = True
-        for mod in BUILTIN_ROUTERS:
-            importlib.import_module(f"{__name__}.{mod}")
+    if _loaded:
+        return
+    with _load_lock:
+        if not _loaded:
+            for mod in BUILTIN_ROUTERS:
+                importlib.import_module(f"{__name__}.{mod}")
+            _loaded = True
 
 
 def get_router_class(name: str) -> type:
