@@ -28,6 +28,14 @@ def _values(cells: list[dict], variant: str, key: str) -> dict[int, float]:
             if c["variant"] == variant and c["metrics"].get(key) is not None}
 
 
+def _paired(mine: dict[int, float], theirs: dict[int, float]) -> dict[str, Any] | None:
+    """The paired test of `mine` against `theirs` (per seed) on the seeds both have, or None."""
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    return {**paired_test([mine[s] for s in seeds], [theirs[s] for s in seeds]).to_dict(), "seeds": seeds}
+
+
 def aggregate(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str, Any]:
     cells = [r for r in records if r and r.get("status") == "done"]
     variants = list(spec.cell_variants)
@@ -56,11 +64,9 @@ def aggregate(spec: StudySpec, records: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         paired = {}
         for key in spec.metrics:
-            mine, theirs = _values(cells, v, key), _values(cells, base, key)
-            seeds = sorted(set(mine) & set(theirs))
-            if seeds:
-                paired[key] = {**paired_test([mine[s] for s in seeds], [theirs[s] for s in seeds]).to_dict(),
-                               "seeds": seeds}
+            p = _paired(_values(cells, v, key), _values(cells, base, key))
+            if p:
+                paired[key] = p
         report["paired"][v] = paired
         mine, theirs = _values(cells, v, "seconds_per_step"), _values(cells, base, "seconds_per_step")
         ratios = [mine[s] / theirs[s] for s in sorted(set(mine) & set(theirs))]
@@ -88,12 +94,9 @@ def _sweep(spec: StudySpec, cells: list[dict], report: dict[str, Any]) -> dict[s
     if spec.baseline in best:
         theirs = _values(cells, best[spec.baseline]["cell_variant"], name)
         for v, b in best.items():
-            if v == spec.baseline:
-                continue
-            mine = _values(cells, b["cell_variant"], name)
-            seeds = sorted(set(mine) & set(theirs))
-            if seeds:
-                paired[v] = {**paired_test([mine[s] for s in seeds], [theirs[s] for s in seeds]).to_dict(), "seeds": seeds}
+            p = _paired(_values(cells, b["cell_variant"], name), theirs) if v != spec.baseline else None
+            if p:
+                paired[v] = p
     # A best at either end of the values may lie beyond them: the sweep has not bracketed it.
     ends = (spec.sweep.labels[0], spec.sweep.labels[-1])
     at_edge = [v for v, b in best.items() if b["value"] in ends]
@@ -143,11 +146,9 @@ def _equal_wall_clock(spec: StudySpec, cells: list[dict], variants: list[str]) -
         if at[v]:
             out["variants"][v] = summarize(list(at[v].values())).to_dict()
         base = spec.baseline_of(v)
-        if v != base:
-            seeds = sorted(set(at[v]) & set(at[base]))
-            if seeds:
-                out["paired"][v] = {**paired_test([at[v][s] for s in seeds],
-                                                  [at[base][s] for s in seeds]).to_dict(), "seeds": seeds}
+        p = _paired(at[v], at[base]) if v != base else None
+        if p:
+            out["paired"][v] = p
     return out
 
 
@@ -161,7 +162,7 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     """One sentence per variant on the primary metric against the baseline (with a sweep: at the
     same value, then each variant's best against the baseline's best)."""
     name, goal = report["primary"]["name"], report["primary"]["goal"]
-    compared = [(v, paired.get(name), report["baseline_of"].get(v, report["baseline"]), report["overhead"].get(v))
+    compared = [(v, paired.get(name), report["baseline_of"][v], report["overhead"].get(v))
                 for v, paired in report["paired"].items()]
     sweep = report.get("sweep")
     if sweep:
@@ -191,10 +192,12 @@ def verdicts(report: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     name, base = report["primary"]["name"], report["baseline"]
     sweep = report.get("sweep")
-    baseline_of = report.get("baseline_of", {})
 
     def is_baseline(v: str) -> bool:
-        return v == baseline_of.get(v, base)
+        return v == report["baseline_of"][v]
+
+    def diff_text(p: dict[str, Any] | None) -> str:
+        return "-" if p is None else f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}"
 
     vs = f"{base} at the same {sweep['key']}" if sweep else base
     env = report.get("environment", {})
@@ -218,8 +221,7 @@ def markdown(report: dict[str, Any]) -> str:
             s = stats.get(m)
             cells.append("-" if s is None else f"{_fmt(s['mean'])} ({_fmt(s['sd'])}) [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]")
         p = report["paired"].get(v, {}).get(name)
-        diff = "baseline" if is_baseline(v) else ("-" if p is None else
-                                                   f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
+        diff = "baseline" if is_baseline(v) else diff_text(p)
         n = stats.get(name, {}).get("n", 0)
         lines.append(f"| {v} | {n} | " + " | ".join(cells) + f" | {diff} |")
     lines += ["", "## Cost", "",
@@ -239,8 +241,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"| variant | n | mean [95% CI] | diff vs {vs} [95% CI], p |", "| --- | ---: | ---: | ---: |"]
         for v, s in ewc["variants"].items():
             p = ewc["paired"].get(v)
-            diff = "baseline" if is_baseline(v) else ("-" if p is None else
-                                                       f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
+            diff = "baseline" if is_baseline(v) else diff_text(p)
             lines.append(f"| {v} | {s['n']} | {_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {diff} |")
         if ewc.get("seeds_not_reached"):
             missing = "; ".join(f"{v} s{', s'.join(map(str, seeds))}" for v, seeds in ewc["seeds_not_reached"].items())
@@ -262,12 +263,11 @@ def markdown(report: dict[str, Any]) -> str:
             row = [("**" + _fmt(means[lab]) + "**" if lab == b.get("value") else _fmt(means[lab])) if lab in means else "-"
                    for lab in labels]
             p = sweep["paired_best"].get(v)
-            diff = "baseline" if v == base else ("-" if p is None else
-                                                 f"{p['mean_diff']:+.4f} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}], p = {_fmt(p['p'], 3)}")
+            diff = "baseline" if v == base else diff_text(p)
             lines.append(f"| {v} | " + " | ".join(row) + f" | {b.get('value', '-')} | {diff} |")
         if sweep.get("best_at_edge"):
-            lines += ["", f"**Best at an end of the sweep** (the optimum may lie beyond it): "
-                          f"{', '.join(sweep['best_at_edge'])}."]
+            edge = ", ".join(sweep["best_at_edge"])
+            lines += ["", f"**Best at an end of the sweep** (the optimum may lie beyond it): {edge}."]
     lines += ["", "## Verdict on the primary metric", "", *[f"- {v}" for v in report["verdicts"]], ""]
     return "\n".join(lines)
 
