@@ -424,3 +424,11 @@ def test_a_sweep_runs_every_variant_at_each_value_and_reports_each_best(tmp_path
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ConfigError, match=re.escape("sweep.values: a sweep needs at least two values")):
         load_spec(path)
+    data["sweep"]["values"] = [1.0e-2, 2.5e-3]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=re.escape("sweep.values: list numbers in increasing order, got ['0.01', '0.0025']")):
+        load_spec(path)
+    # Names have no order, so no end to flag.
+    data["sweep"] = {"key": "toy.moe.router_options.balance_count", "values": ["top1", "all"]}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert not load_spec(path)[0].sweep.ordered

@@ -98,7 +98,7 @@ def _sweep(spec: StudySpec, cells: list[dict], report: dict[str, Any]) -> dict[s
             if p:
                 paired[v] = p
     # A best at either end of the values may lie beyond them: the sweep has not bracketed it.
-    ends = (spec.sweep.labels[0], spec.sweep.labels[-1])
+    ends = (spec.sweep.labels[0], spec.sweep.labels[-1]) if spec.sweep.ordered else ()
     at_edge = [v for v, b in best.items() if b["value"] in ends]
     return {"key": spec.sweep.key, "values": spec.sweep.labels, "metric": name, "means": means,
             "best": best, "paired_best": paired, "best_at_edge": at_edge}

@@ -117,6 +117,15 @@ class SweepSpec(Config):
         for label in labels:
             if not label or "/" in label or label.startswith("."):
                 raise invalid("values", f"{label!r} names folders: no '/', no leading '.'")
+        # The report's "best at an end of the sweep" and its plot read the values in order.
+        if self.ordered and self.values != sorted(self.values):
+            raise invalid("values", f"list numbers in increasing order, got {labels}")
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the values are numbers (a learning rate), not names (a router): only then has
+        the sweep ends that a best can lie at."""
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.values)
 
     @property
     def labels(self) -> list[str]:
