@@ -248,7 +248,7 @@ def test_committed_specs_validate_every_shared_stage_and_cell(tmp_path, capsys):
     assert {p.name for p in specs} >= {"text-routers.yaml", "shapes-hard.yaml", "shapes-hard-long.yaml",
                                       "shapes-lookup.yaml", "facts-capacity.yaml", "facts-lr-sweep.yaml",
                                       "text-lr-sweep.yaml", "facts-capacity-confirm.yaml",
-                                      "shapes-hard-lowlr.yaml"}
+                                      "shapes-hard-lowlr.yaml", "shapes-hard-routers-lr.yaml"}
     for path in specs:
         assert main(["study", str(path), "--out", str(tmp_path / path.stem), "--dry-run"]) == 0, path.name
     assert "dense_wide/s2: " in capsys.readouterr().out
