@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 from collections import Counter, defaultdict
 
 import pytest
@@ -162,8 +163,6 @@ def test_single_turn_asks_the_same_questions_one_per_record(world, tmp_path):
 
 def _described(caption):
     """[(colour, shape, cell), ...] in caption order."""
-    import re
-
     return re.findall(r"a (\w+) (\w+) in the (top left|top right|bottom left|bottom right)", caption)
 
 
@@ -194,8 +193,6 @@ def test_captions_name_every_object_in_the_chosen_order(tmp_path, order):
 
 @pytest.mark.parametrize("options", ["random", "fixed"])
 def test_side_questions_offer_both_answers_in_the_chosen_order(tmp_path, options):
-    import re
-
     from llava_smoe.data.synth import CELLS
 
     generate_shapes_world(ShapesWorldConfig(seed=3, num_train=200, num_val=0, num_test=0, num_heldout=0, single_turn=True,
@@ -221,8 +218,6 @@ def test_side_questions_offer_both_answers_in_the_chosen_order(tmp_path, options
 def _answer_from_scene(question: str, scene: str, grid: int, facts: dict | None = None) -> str:
     """Answer a shapes-world question from the scene alone (an independent reader of the layout),
     and lookup questions from the scene and the manifest's table of facts."""
-    import re
-
     from llava_smoe.data.synth import CELL_NAMES, COUNT_WORDS
 
     cells = CELL_NAMES[grid]
@@ -337,10 +332,30 @@ def test_lookup_questions_ask_the_seeds_table_about_an_object_in_the_image(tmp_p
     assert digest(tmp_path / "cli") == digest(tmp_path / "a")
 
 
+def test_a_world_is_named_once_for_the_command_line_and_study_specs():
+    from llava_smoe.config import ConfigError
+    from llava_smoe.data.synth import HARD_WORLD, LOOKUP_WORLD, parse_world
+
+    assert parse_world({}) == ShapesWorldConfig()
+    hard = parse_world({"world": "hard", "num_train": 50}).to_dict()
+    assert hard == ShapesWorldConfig(num_train=50, **HARD_WORLD).to_dict()
+    assert parse_world({"world": ["lookup"]}).to_dict() == ShapesWorldConfig(**LOOKUP_WORLD).to_dict()
+    # Applied in order, lookup on top of the hard world; the mapping's own fields over both.
+    both = parse_world({"world": ["hard", "lookup"], "image_size": 60, "lookup_questions": 2})
+    assert both.question_types == [*HARD_WORLD["question_types"], "lookup"] and both.grid == 3
+    assert (both.image_size, both.lookup_questions) == (60, 2)
+    assert parse_world({"world": "lookup"}).question_types == [*DEFAULT_QUESTION_TYPES, "lookup"]
+    assert HARD_WORLD["question_types"][-1] == "color_next_to"  # composing did not change the preset
+    for bad, message in (("harder", "synth.world: 'harder' is not a world: ['hard', 'lookup']"),
+                         (3, "synth.world: give a world's name or a list of them")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_world({"world": bad}, ("synth",))
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'synth.gird'")):
+        parse_world({"world": "hard", "gird": 4}, ("synth",))
+
+
 @pytest.mark.parametrize("world", ["single", "scatter"])
 def test_held_out_worlds_are_deterministic_and_answerable(tmp_path, world):
-    import re
-
     from llava_smoe.data.worlds import WorldConfig, generate_world
 
     config = WorldConfig(world=world, seed=1, num_train=200, num_val=0, num_test=50)

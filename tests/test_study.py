@@ -265,6 +265,11 @@ def test_committed_specs_validate_every_shared_stage_and_cell(tmp_path, capsys):
     assert main(["study", str(spec), "--out", str(tmp_path / "bad"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "shared stage stage1 (seed 0)" in err and "vlm.model.projector.typo" in err, err
+    data["shared"][0]["synth"]["world"] = "harder"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["study", str(spec), "--out", str(tmp_path / "bad"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "shared stage data (seed 0): synth.world: 'harder' is not a world" in err, err
 
 
 def test_a_shared_stage_above_its_max_loss_stops_its_seed(tmp_path):

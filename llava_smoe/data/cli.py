@@ -71,20 +71,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.data_command == "synth":
         from llava_smoe.data.synth import (
-            DEFAULT_QUESTION_TYPES,
-            HARD_WORLD,
-            LOOKUP_WORLD,
             ShapesWorldConfig,
             generate_shapes_world,
+            world_settings,
         )
 
-        world = dict(HARD_WORLD) if args.hard else {}
+        # --lookup goes on top of the world chosen (--hard or not); the size flags over either.
+        world = world_settings([name for name, on in (("hard", args.hard), ("lookup", args.lookup)) if on])
         for key in ("image_size", "max_shapes"):
             if getattr(args, key) is not None:
                 world[key] = getattr(args, key)
-        if args.lookup:  # on top of the world chosen (--hard or not)
-            world["question_types"] = [*world.get("question_types", DEFAULT_QUESTION_TYPES), "lookup"]
-            world["lookup_questions"] = LOOKUP_WORLD["lookup_questions"]
         for key in ("lookup_properties", "lookup_questions"):
             if getattr(args, key) is not None:
                 world[key] = getattr(args, key)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageDraw
 
-from llava_smoe.config import Config
+from llava_smoe.config import Config, ConfigError, parse
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -190,6 +190,39 @@ class ShapesWorldConfig(Config):
         if self.num_heldout and not self.holdout_combos:
             raise ValueError("num_heldout > 0 needs at least one held-out (colour, shape) combination")
 
+
+
+WORLDS = ("hard", "lookup")
+
+
+def world_settings(names: list[str]) -> dict:
+    """The generator settings of the named worlds, applied in order: `hard` is HARD_WORLD, `lookup`
+    adds lookup questions to the world so far (the quickstart's, or the hard one)."""
+    world: dict = {}
+    for name in names:
+        if name == "hard":
+            world.update({k: list(v) if isinstance(v, list) else v for k, v in HARD_WORLD.items()})
+        elif name == "lookup":
+            world["question_types"] = [*world.get("question_types", DEFAULT_QUESTION_TYPES), "lookup"]
+            world["lookup_questions"] = LOOKUP_WORLD["lookup_questions"]
+        else:
+            raise ValueError(f"{name!r} is not a world: {list(WORLDS)}")
+    return world
+
+
+def parse_world(settings: dict, path: tuple[str, ...] = ()) -> ShapesWorldConfig:
+    """A ShapesWorldConfig from a mapping of its fields plus `world` (a name of WORLDS or a list of
+    them): the named worlds' settings first, the mapping's own fields over them."""
+    settings = dict(settings)
+    names = settings.pop("world", [])
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"give a world's name or a list of them, one of {list(WORLDS)}; got {names!r}", (*path, "world"))
+    try:
+        world = world_settings(names)
+    except ValueError as exc:
+        raise ConfigError(str(exc), (*path, "world")) from None
+    return parse(ShapesWorldConfig, {**world, **settings}, path)
 
 # Two consonant-vowel syllables, the last vowel not "e": no word of the world's ("side", "five").
 _FIRST = [c + v for c in "bdfglmnprstv" for v in "aeiou"]

@@ -210,14 +210,13 @@ class Study:
 
     def check_shared(self, seed: int) -> None:
         """Every shared stage of `seed` validates (the generator's settings, or the whole recipe)."""
-        from llava_smoe.config import parse
-        from llava_smoe.data.synth import ShapesWorldConfig
+        from llava_smoe.data.synth import parse_world
         from llava_smoe.training.recipe import load_recipe
 
         for stage in self.spec.shared:
             try:
                 if stage.synth is not None:
-                    parse(ShapesWorldConfig, {**stage.synth, "seed": seed}, ("synth",))
+                    parse_world({**stage.synth, "seed": seed}, ("synth",))
                 else:
                     load_recipe(self._recipe(stage.recipe), self.stage_overrides(stage, seed))
             except ConfigError as exc:

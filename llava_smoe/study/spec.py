@@ -67,7 +67,9 @@ def check_metric_name(name: str, key: str) -> None:
 @dataclass
 class StageSpec(Config):
     """A stage every cell of a seed starts from: a training recipe, or generating the shapes
-    world (`synth`: ShapesWorldConfig fields; the study's seed is the generator's)."""
+    world (`synth`: ShapesWorldConfig fields, and `world: hard` or `lookup` or both for the
+    settings of `llava-smoe data synth --hard` / `--lookup` under them; the study's seed is the
+    generator's)."""
 
     name: str
     recipe: str | None = None

@@ -11,10 +11,9 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from llava_smoe.config import parse
-    from llava_smoe.data.synth import ShapesWorldConfig, generate_shapes_world
+    from llava_smoe.data.synth import generate_shapes_world, parse_world
 
-    config = parse(ShapesWorldConfig, json.loads(argv[0]), ("synth",))
+    config = parse_world(json.loads(argv[0]), ("synth",))
     out = Path(argv[1])
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
