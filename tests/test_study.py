@@ -272,6 +272,47 @@ def test_committed_specs_validate_every_shared_stage_and_cell(tmp_path, capsys):
     assert "shared stage data (seed 0): synth.world: 'harder' is not a world" in err, err
 
 
+def test_a_stage_reads_the_worlds_settings_from_its_synth_stage(tmp_path, capsys):
+    from llava_smoe.cli import main
+    from llava_smoe.study.runner import Study
+    from llava_smoe.study.spec import load_spec
+
+    folder = ROOT / "train" / "study"
+    spec, spec_dir = load_spec(folder / "shapes-hard.yaml")
+    vision = next(s for s in spec.shared if s.name == "vision")
+    assert "clip.model.vision_config.image_size={data.image_size}" in vision.overrides
+    study = Study(spec, spec_dir, tmp_path / "study")
+    assert "clip.model.vision_config.image_size=48" in study.stage_overrides(vision, 0)
+
+    data = yaml.safe_load((folder / "shapes-hard.yaml").read_text())
+    data["recipe"] = str(folder / data["recipe"])
+    for stage in data["shared"]:
+        if "recipe" in stage:
+            stage["recipe"] = str(folder / stage["recipe"])
+    data["shared"][0]["synth"]["image_size"] = 64  # the stage follows the world's field, not the preset's
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    spec, spec_dir = load_spec(bad)
+    assert "clip.model.vision_config.image_size=64" in Study(spec, spec_dir, tmp_path / "b").stage_overrides(
+        spec.shared[1], 0)
+
+    data["shared"][1]["overrides"][-1] = "clip.model.vision_config.image_size={data.imagesize}"
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["study", str(bad), "--out", str(tmp_path / "bad"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "shared.vision.overrides: unknown placeholder field" in err and "imagesize" in err, err
+    data["shared"][1]["overrides"][-1] = "clip.model.vision_config.image_size={world.image_size}"
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["study", str(bad), "--out", str(tmp_path / "bad"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown placeholder 'world'" in err and "'data'" in err, err
+
+    data["shared"][0]["name"] = "seed"
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["study", str(bad), "--out", str(tmp_path / "bad"), "--dry-run"]) == 2
+    assert "shared.0.name: 'seed' is a placeholder of its own" in capsys.readouterr().err
+
+
 def test_a_shared_stage_above_its_max_loss_stops_its_seed(tmp_path):
     from llava_smoe.study.runner import Study, StudyError
     from llava_smoe.study.spec import load_spec

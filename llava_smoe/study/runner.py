@@ -135,15 +135,21 @@ class Study:
         self.cells = [Cell(v, s, out / "cells" / v / f"s{s}") for s in spec.seeds for v in spec.cell_variants]
 
     # -- commands ----------------------------------------------------------------------------------
-    def _placeholders(self, seed: int, cell: Path | None = None) -> dict[str, str]:
-        return {"seed": str(seed), "study": str(self.out), "shared": str(self.out / "shared" / f"s{seed}"),
-                "cell": str(cell or "")}
+    def _placeholders(self, seed: int, cell: Path | None = None) -> dict[str, Any]:
+        from llava_smoe.data.synth import parse_world
 
-    def _expand(self, items: list[str], values: dict[str, str], where: str) -> list[str]:
+        worlds = {s.name: parse_world({**s.synth, "seed": seed}, ("shared", s.name, "synth"))
+                  for s in self.spec.shared if s.synth is not None}
+        return {"seed": str(seed), "study": str(self.out), "shared": str(self.out / "shared" / f"s{seed}"),
+                "cell": str(cell or ""), **worlds}
+
+    def _expand(self, items: list[str], values: dict[str, Any], where: str) -> list[str]:
         try:
             return [item.format(**values) for item in items]
         except (KeyError, IndexError) as exc:
             raise ConfigError(f"unknown placeholder {exc} (use {sorted(values)})", (where,)) from None
+        except AttributeError as exc:
+            raise ConfigError(f"unknown placeholder field: {exc}", (where,)) from None
 
     def _recipe(self, path: str) -> Path:
         recipe = (self.spec_dir / path).resolve()

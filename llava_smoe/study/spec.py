@@ -28,7 +28,9 @@ so a longer run of the same study restates nothing but what changes.
 
 Placeholders: `{seed}`, `{cell}` (the cell's folder), `{study}` (the study's folder) and
 `{shared}` (this seed's shared folder, whose stage `NAME` writes `{shared}/NAME`; a training
-stage's checkpoint is `{shared}/NAME/final`).
+stage's checkpoint is `{shared}/NAME/final`); a synth stage's generator settings as `{NAME.FIELD}`
+(`clip.model.vision_config.image_size={data.image_size}`), so a stage that must match the world
+reads it from there instead of restating it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from llava_smoe.config import Config, ConfigError, invalid, parse
 # Metrics a cell reports: from its training log, and from `evaluate` when the spec has it.
 LOG_METRICS = ("eval/loss", "train/loss", "eval/accuracy")  # eval/accuracy: with vlm.eval_accuracy
 EVAL_METRICS = ("accuracy", "blind_accuracy")  # and accuracy/<question type>
+PLACEHOLDERS = ("seed", "study", "shared", "cell")  # plus each synth stage's name
 LOSS_TAIL = 4  # logged values a shared stage's final loss is averaged over (max_loss)
 
 
@@ -84,6 +87,9 @@ class StageSpec(Config):
             raise invalid("recipe", f"stage {self.name!r}: give exactly one of recipe or synth")
         if not self.name.isidentifier():
             raise invalid("name", f"{self.name!r} must be a plain identifier (it names a folder)")
+        if self.synth is not None and self.name in PLACEHOLDERS:
+            raise invalid("name", f"{self.name!r} is a placeholder of its own ({{{self.name}}}): a synth stage's "
+                                  f"settings expand as {{NAME.FIELD}}, so name it otherwise")
         if self.max_loss is not None:
             if self.synth is not None:
                 raise invalid("max_loss", f"stage {self.name!r} generates data: only a training stage has a loss")
