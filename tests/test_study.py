@@ -231,6 +231,19 @@ def test_a_spec_extends_another_in_its_folder(tmp_path):
     assert spec.overrides == ["train.max_steps=8", "train.max_steps=16"]  # the base's first: the later wins
     assert spec.variants == data["variants"] and spec.baseline == "smoe" and spec.min_tokens == 1000
 
+    # Shared stages merge by name: the base's order kept, a same-named stage replaced in place.
+    base.write_text(yaml.safe_dump({**data, "shared": [{"name": "data", "synth": {"num_train": 8}},
+                                                       {"name": "stage1", "recipe": "toy.yaml"}]}))
+    longer.write_text(yaml.safe_dump({"extends": "spec.yaml", "name": "longer", "shared": [
+        {"name": "stage2", "recipe": "toy.yaml", "overrides": ["train.max_steps=3"]},
+        {"name": "data", "synth": {"num_train": 16}}]}))
+    spec, _ = load_spec(longer)
+    assert [(s.name, s.synth, s.overrides) for s in spec.shared] == [
+        ("data", {"num_train": 16}, []), ("stage1", None, []), ("stage2", None, ["train.max_steps=3"])]
+    longer.write_text(yaml.safe_dump({"extends": "spec.yaml", "name": "longer", "shared": {"name": "data"}}))
+    with pytest.raises(ConfigError, match=re.escape("shared: a list of stages (mappings)")):
+        load_spec(longer)
+
     for extends, message in (("../spec.yaml", "extends: '../spec.yaml': name a spec file in the same folder"),
                              ("gone.yaml", "study spec not found: " + str(tmp_path / "gone.yaml")
                               + f" (extended by {longer})"),

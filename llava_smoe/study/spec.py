@@ -24,7 +24,8 @@ tuned more than another.
 
 A spec may extend another in its folder (`extends: shapes-hard.yaml`): every key it sets
 replaces the base's, except `overrides`, which come after the base's (the later setting wins),
-so a longer run of the same study restates nothing but what changes.
+and `shared`, whose stages replace the base's stage of the same name where it stands or run
+after the base's, so a longer run of the same study restates nothing but what changes.
 
 Placeholders: `{seed}`, `{cell}` (the cell's folder), `{study}` (the study's folder) and
 `{shared}` (this seed's shared folder, whose stage `NAME` writes `{shared}/NAME`; a training
@@ -241,4 +242,12 @@ def _read_spec(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise invalid("extends", f"{path.name} extends itself through {' -> '.join(p.name for p in chain)}")
     base = _read_spec(base_path, (*chain, path.resolve()))
     overrides = [*base.get("overrides", []), *data.pop("overrides", [])]
+    if "shared" in data:
+        stages = data["shared"]
+        if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+            raise invalid("shared", f"a list of stages (mappings), got {stages!r}")
+        # By name: a stage the base has is replaced where it stands, a new one runs after the base's.
+        merged = {s.get("name"): s for s in base.get("shared", [])}
+        merged.update({s.get("name"): s for s in stages})
+        data["shared"] = list(merged.values())
     return {**base, **data, **({"overrides": overrides} if overrides else {})}
