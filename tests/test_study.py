@@ -350,6 +350,68 @@ def test_a_shared_stage_above_its_max_loss_stops_its_seed(tmp_path):
         runner.run_shared(1)
 
 
+def test_a_finished_shared_stage_is_reused_only_with_the_settings_it_ran_with(tmp_path):
+    """A stage copied from another study serves (its paths read as under this study's shared
+    folder); one whose settings the spec has since changed stops the study, naming the keys."""
+    from llava_smoe.study.runner import Study, StudyError
+    from llava_smoe.study.spec import load_spec
+    from llava_smoe.training.recipe import load_recipe
+
+    spec = write_spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    stages = [{"name": "data", "synth": {"num_train": 8, "num_test": 4}},
+              {"name": "stage1", "recipe": "toy.yaml",
+               "overrides": ["train.deepspeed_config={shared}/ds.json", "train.log_every=1"]}]
+
+    def study_with(stages, **kwargs):
+        spec.write_text(yaml.safe_dump({**data, "shared": stages}))
+        loaded, spec_dir = load_spec(spec)
+        return Study(loaded, spec_dir, tmp_path / "study", **kwargs)
+
+    # What the stage recorded when it ran in another study, then was copied here.
+    other = tmp_path / "other" / "shared" / "s0"
+    ran = {**TOY, "train": {**TOY["train"], "output_dir": str(other / "stage1"), "save_every": 99,
+                            "deepspeed_config": str(other / "ds.json")}}
+    stage1 = tmp_path / "study" / "shared" / "s0" / "stage1"
+    (stage1 / "final").mkdir(parents=True)
+
+    def record(**train):
+        (tmp_path / "ran.yaml").write_text(yaml.safe_dump({**ran, "train": {**ran["train"], **train}}))
+        recorded = load_recipe(tmp_path / "ran.yaml").to_dict()
+        (stage1 / "run_config.yaml").write_text(yaml.safe_dump(recorded))
+        return recorded
+
+    record()
+    manifest = stage1.parent / "data" / "manifest.json"
+    manifest.parent.mkdir()
+    runner = study_with(stages)
+    manifest.write_text(json.dumps({"config": runner.stage_settings(runner.spec.shared[0], 0)}))
+    with pytest.raises(StudyError) as err:
+        study_with(stages).check_shared(0)
+    assert str(err.value) == (f"shared stage stage1 (seed 0) in {stage1} ran with other settings than the spec "
+                              f"gives it: train.log_every: 2 -> 1 -- delete {stage1} to run it again, or pass "
+                              "--allow-mixed")  # its paths, output folder and save interval are not differences
+
+    record(log_every=1)
+    study_with(stages).check_shared(0)  # the same settings: reused
+    recorded = record(log_every=1)
+    recorded["optim"]["groups"][0]["lr"] = 0.5
+    (stage1 / "run_config.yaml").write_text(yaml.safe_dump(recorded))
+    with pytest.raises(StudyError, match=re.escape("gives it: optim.groups.0.lr: 0.5 -> 0.01 --")):
+        study_with(stages).check_shared(0)
+    log = []
+    study_with(stages, allow_mixed=True, log=log.append).check_shared(0)
+    assert log == [(f"warning: reusing shared stage stage1 (seed 0) in {stage1} ran with other settings than the "
+                    "spec gives it: optim.groups.0.lr: 0.5 -> 0.01")]
+
+    # A data stage's generator settings count too; a finished stage without its record is refused.
+    with pytest.raises(StudyError, match=re.escape("shared stage data (seed 0)") + ".*num_train: 8 -> 16"):
+        study_with([{**stages[0], "synth": {"num_train": 16, "num_test": 4}}, stages[1]]).check_shared(0)
+    (stage1 / "run_config.yaml").unlink()
+    with pytest.raises(StudyError, match="is finished but has no run_config.yaml to tell what settings it ran with"):
+        study_with(stages).check_shared(0)
+
+
 def test_a_seeds_cells_start_while_another_seeds_shared_stages_run(tmp_path, monkeypatch):
     """With two workers, seed 0's cells do not wait for seed 1's shared stages (seed 1's stage
     here finishes only once a seed-0 cell has started), and a failed seed's cells are not run."""

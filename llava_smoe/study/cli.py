@@ -39,14 +39,14 @@ def run(args: argparse.Namespace) -> int:
     study = Study(spec, spec_dir, out, workers=args.workers, threads=args.threads,
                   allow_mixed=args.allow_mixed,
                   log=lambda line: print(f"==> {line}", flush=True))
-    if args.dry_run:
-        for seed in spec.seeds:
-            study.check_shared(seed)
-        for cell in study.cells:
-            study.resolved_config(cell)  # validates the whole recipe of every cell
-            print(f"{cell.key}: {' '.join(study.cell_overrides(cell))}")
-        return 0
     try:
+        if args.dry_run:
+            for seed in spec.seeds:
+                study.check_shared(seed)
+            for cell in study.cells:
+                study.resolved_config(cell)  # validates the whole recipe of every cell
+                print(f"{cell.key}: {' '.join(study.cell_overrides(cell))}")
+            return 0
         records = [c.record() for c in study.cells] if args.report_only else study.run()
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)

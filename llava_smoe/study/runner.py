@@ -12,7 +12,10 @@ Cells run as `llava-smoe train` subprocesses (with `train.resume=auto`, so a kil
 from its last checkpoint), one after another or on `workers` at once, each with cores / workers
 threads. A finished cell is skipped when the study runs again, after its provenance (code,
 resolved config, package versions, device) is compared with what running it now would record:
-a difference stops the study, naming it, unless mixing is allowed.
+a difference stops the study, naming it, unless mixing is allowed. A finished shared stage is
+reused only when the settings it ran with (its `run_config.yaml`, or a data stage's manifest) are
+the ones the spec gives it now, paths under its own shared folder aside, so a copy from another
+study serves and an edited stage is not silently kept.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from llava_smoe.study.spec import LOSS_TAIL, StageSpec, StudySpec
 CELL_FILE = "cell.json"
 PACKAGES = ("torch", "transformers", "deepspeed", "tokenizers", "numpy", "llava-smoe")
 REPO = Path(__file__).resolve().parents[2]
+# Settings the runner adds for its own bookkeeping: where and how often a stage saves, not what it computes.
+BOOKKEEPING = ("train.output_dir", "train.resume", "train.save_every", "train.progress_bar", "train.tensorboard")
 
 
 class StudyError(RuntimeError):
@@ -116,9 +121,22 @@ def differences(recorded: dict[str, Any], now: dict[str, Any], prefix: str = "")
         where = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, where + ".")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):  # dotted as overrides index lists
+            out += differences(dict(enumerate(a)), dict(enumerate(b)), where + ".")
         elif a != b:
             out.append(f"{where}: {a!r} -> {b!r}")
     return out
+
+
+def relocated(value: Any, old: str, new: str) -> Any:
+    """`value` with every path at or under `old` moved under `new`."""
+    if isinstance(value, dict):
+        return {k: relocated(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocated(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+        return new + value[len(old):]
+    return value
 
 
 # -- the study ----------------------------------------------------------------------------------------
@@ -195,7 +213,7 @@ class Study:
         shared = self.out / "shared" / f"s{seed}"
         for stage in self.spec.shared:
             folder = shared / stage.name
-            if not ((folder / "manifest.json").is_file() or (folder / "final").is_dir()):
+            if not self._finished(folder):
                 self.log(f"shared s{seed}/{stage.name}")
                 self._run_stage(stage, seed, folder, shared / f"{stage.name}.log.txt")
             if stage.max_loss is not None:
@@ -227,6 +245,54 @@ class Study:
                     load_recipe(self._recipe(stage.recipe), self.stage_overrides(stage, seed))
             except ConfigError as exc:
                 raise ConfigError(f"shared stage {stage.name} (seed {seed}): {exc}") from None
+            self.check_reused(stage, seed)
+
+    def stage_settings(self, stage: StageSpec, seed: int) -> dict[str, Any]:
+        """What running a shared stage now would use: the generator's settings, or the resolved recipe."""
+        from llava_smoe.data.synth import parse_world
+        from llava_smoe.training.recipe import load_recipe
+
+        if stage.synth is not None:
+            return dump(parse_world({**stage.synth, "seed": seed}, ("synth",)))
+        return load_recipe(self._recipe(stage.recipe), self.stage_overrides(stage, seed)).to_dict()
+
+    def check_reused(self, stage: StageSpec, seed: int) -> None:
+        """A finished shared stage must have run with the settings the spec gives it now (its paths
+        read as under this study's shared folder, wherever it ran), or the study stops, naming the
+        differences, unless mixing is allowed."""
+        from llava_smoe.training.recipe import load_recipe
+
+        folder = self.out / "shared" / f"s{seed}" / stage.name
+        if not self._finished(folder):
+            return
+        where = f"shared stage {stage.name} (seed {seed}) in {folder}"
+        record = folder / ("manifest.json" if stage.synth is not None else "run_config.yaml")
+        if not record.is_file():
+            problem = f"{where} is finished but has no {record.name} to tell what settings it ran with"
+        else:
+            try:
+                if stage.synth is not None:
+                    recorded = json.loads(record.read_text())["config"]
+                else:
+                    recorded = load_recipe(record).to_dict()  # read as today's code reads it: defaults filled in
+                    ran_in = str(Path(recorded["train"]["output_dir"]).parent)
+                    recorded = relocated(recorded, ran_in, str(folder.parent))
+            except (ConfigError, KeyError, ValueError) as exc:
+                problem = f"{where}: its {record.name} cannot be read as settings ({exc})"
+            else:
+                diff = [d for d in differences(recorded, self.stage_settings(stage, seed))
+                        if not d.startswith(BOOKKEEPING)]
+                if not diff:
+                    return
+                problem = (f"{where} ran with other settings than the spec gives it: " + "; ".join(diff[:4])
+                           + (f"; ... ({len(diff)} in all)" if len(diff) > 4 else ""))
+        if not self.allow_mixed:
+            raise StudyError(problem + f" -- delete {folder} to run it again, or pass --allow-mixed")
+        self.log(f"warning: reusing {problem}")
+
+    @staticmethod
+    def _finished(folder: Path) -> bool:
+        return (folder / "manifest.json").is_file() or (folder / "final").is_dir()
 
     def run_cell(self, cell: Cell, env: dict[str, Any]) -> dict[str, Any]:
         provenance = self.provenance(cell, env)
