@@ -253,6 +253,42 @@ def test_a_spec_extends_another_in_its_folder(tmp_path):
             load_spec(longer)
 
 
+def test_a_stage_like_another_adds_its_overrides_to_that_stages(tmp_path):
+    from llava_smoe.config import ConfigError
+    from llava_smoe.study.spec import load_spec
+
+    base = write_spec(tmp_path)
+    data = yaml.safe_load(base.read_text())
+    stages = [{"name": "data", "synth": {"num_train": 8}},
+              {"name": "stage1", "recipe": "toy.yaml", "overrides": ["train.max_steps=3"], "max_loss": 0.5},
+              {"name": "stage1_wide", "like": "stage1", "overrides": ["toy.hidden_size=32"]},
+              {"name": "stage1_loose", "like": "stage1_wide", "max_loss": 0.9}]
+    base.write_text(yaml.safe_dump({**data, "shared": stages}))
+    spec, _ = load_spec(base)
+    assert [(s.name, s.recipe, s.overrides, s.max_loss) for s in spec.shared[1:]] == [
+        ("stage1", "toy.yaml", ["train.max_steps=3"], 0.5),
+        ("stage1_wide", "toy.yaml", ["train.max_steps=3", "toy.hidden_size=32"], 0.5),
+        ("stage1_loose", "toy.yaml", ["train.max_steps=3", "toy.hidden_size=32"], 0.9)]
+    # Under `extends`, a stage like the base's stage of its own name replaces it, changed.
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(yaml.safe_dump({"extends": "spec.yaml", "name": "longer", "shared": [
+        {"name": "stage1_wide", "like": "stage1_wide", "overrides": ["optim.groups.0.lr=0.005"]}]}))
+    spec, _ = load_spec(longer)
+    assert [s.name for s in spec.shared] == ["data", "stage1", "stage1_wide", "stage1_loose"]
+    assert spec.shared[2].overrides == ["train.max_steps=3", "toy.hidden_size=32", "optim.groups.0.lr=0.005"]
+    assert spec.shared[3].overrides == ["train.max_steps=3", "toy.hidden_size=32"]  # resolved in the base already
+
+    for bad, message in (({"like": "stage2"}, "shared.2.like: 'stage2' is not a stage before it: "
+                                              "['data', 'stage1']"),
+                         ({"like": "data"}, "shared.2.like: 'data' is not a training stage"),
+                         ({"like": "stage1", "recipe": "toy.yaml"}, "shared.2.recipe: a stage like 'stage1' takes "
+                                                                    "its recipe"),
+                         ({"like": "stage1", "overrides": "toy.hidden_size=32"}, "shared.2.overrides: a list")):
+        base.write_text(yaml.safe_dump({**data, "shared": [*stages[:2], {"name": "stage1_wide", **bad}]}))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_spec(base)
+
+
 def test_committed_specs_validate_every_shared_stage_and_cell(tmp_path, capsys):
     from llava_smoe.cli import main
 

@@ -25,7 +25,10 @@ tuned more than another.
 A spec may extend another in its folder (`extends: shapes-hard.yaml`): every key it sets
 replaces the base's, except `overrides`, which come after the base's (the later setting wins),
 and `shared`, whose stages replace the base's stage of the same name where it stands or run
-after the base's, so a longer run of the same study restates nothing but what changes.
+after the base's, so a longer run of the same study restates nothing but what changes. A shared
+stage `like: NAME` is the training stage of that name (the base's, or one listed before it) with
+the stage's own overrides after its, and its max_loss unless the stage sets one:
+`{name: stage1_wide, like: stage1, overrides: [...lm_wide/final]}`.
 
 Placeholders: `{seed}`, `{cell}` (the cell's folder), `{study}` (the study's folder) and
 `{shared}` (this seed's shared folder, whose stage `NAME` writes `{shared}/NAME`; a training
@@ -233,6 +236,8 @@ def _read_spec(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"{path}: a study spec is a mapping, got {type(data).__name__}")
     base_name = data.pop("extends", None)
     if base_name is None:
+        if "shared" in data:
+            data["shared"] = _merge_stages([], _stage_list(data["shared"]))
         return data
     if not isinstance(base_name, str) or Path(base_name).name != base_name:
         raise invalid("extends", f"{base_name!r}: name a spec file in the same folder as {path.name}, "
@@ -243,11 +248,42 @@ def _read_spec(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     base = _read_spec(base_path, (*chain, path.resolve()))
     overrides = [*base.get("overrides", []), *data.pop("overrides", [])]
     if "shared" in data:
-        stages = data["shared"]
-        if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
-            raise invalid("shared", f"a list of stages (mappings), got {stages!r}")
-        # By name: a stage the base has is replaced where it stands, a new one runs after the base's.
-        merged = {s.get("name"): s for s in base.get("shared", [])}
-        merged.update({s.get("name"): s for s in stages})
-        data["shared"] = list(merged.values())
+        data["shared"] = _merge_stages(base.get("shared", []), _stage_list(data["shared"]))
     return {**base, **data, **({"overrides": overrides} if overrides else {})}
+
+
+def _stage_list(stages: Any) -> list[dict[str, Any]]:
+    if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+        raise invalid("shared", f"a list of stages (mappings), got {stages!r}")
+    return stages
+
+
+def _merge_stages(base: list[dict[str, Any]], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """By name: a stage the base has is replaced where it stands, a new one runs after the base's.
+    A stage with `like: NAME` is the stage of that name so far (the base's, or one before it)
+    with its own overrides after that stage's, and its max_loss unless it sets one."""
+    merged = {s.get("name"): s for s in base}
+    for i, stage in enumerate(stages):
+        if "like" in stage:
+            stage = _like(stage, merged, f"shared.{i}")
+        merged[stage.get("name")] = stage
+    return list(merged.values())
+
+
+def _like(stage: dict[str, Any], before: dict[Any, dict[str, Any]], where: str) -> dict[str, Any]:
+    stage = dict(stage)
+    name = stage.pop("like")
+    target = before.get(name)
+    if target is None:
+        raise invalid(f"{where}.like", f"{name!r} is not a stage before it: {[n for n in before]}")
+    if target.get("recipe") is None:
+        raise invalid(f"{where}.like", f"{name!r} is not a training stage (a stage like another takes its recipe)")
+    for key in ("recipe", "synth"):
+        if key in stage:
+            raise invalid(f"{where}.{key}", f"a stage like {name!r} takes its recipe; give only overrides or max_loss")
+    overrides = stage.get("overrides", [])
+    if not isinstance(overrides, list):
+        raise invalid(f"{where}.overrides", f"a list of dotted overrides, got {overrides!r}")
+    out = {**{k: v for k, v in target.items() if k != "name"}, **stage}
+    out["overrides"] = [*target.get("overrides", []), *overrides]
+    return out
