@@ -278,6 +278,13 @@ def test_a_stage_like_another_adds_its_overrides_to_that_stages(tmp_path):
     assert spec.shared[2].overrides == ["train.max_steps=3", "toy.hidden_size=32", "optim.groups.0.lr=0.005"]
     assert spec.shared[3].overrides == ["train.max_steps=3", "toy.hidden_size=32"]  # resolved in the base already
 
+    base.write_text(yaml.safe_dump({**data, "shared": [*stages[:2], stages[1]]}))
+    with pytest.raises(ConfigError, match=re.escape("shared: stage names must be unique, got ['data', 'stage1', "
+                                                    "'stage1']")):
+        load_spec(base)
+    longer.write_text(yaml.safe_dump({"extends": "spec.yaml", "name": "longer", "shared": [stages[0], stages[0]]}))
+    with pytest.raises(ConfigError, match="stage names must be unique"):
+        load_spec(longer)
     for bad, message in (({"like": "stage2"}, "shared.2.like: 'stage2' is not a stage before it: "
                                               "['data', 'stage1']"),
                          ({"like": "data"}, "shared.2.like: 'data' is not a training stage"),

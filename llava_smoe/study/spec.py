@@ -262,6 +262,9 @@ def _merge_stages(base: list[dict[str, Any]], stages: list[dict[str, Any]]) -> l
     """By name: a stage the base has is replaced where it stands, a new one runs after the base's.
     A stage with `like: NAME` is the stage of that name so far (the base's, or one before it)
     with its own overrides after that stage's, and its max_loss unless it sets one."""
+    names = [s.get("name") for s in stages]
+    if len(set(names)) != len(names):  # within one file a repeated name is a mistake, not a replacement
+        raise invalid("shared", f"stage names must be unique, got {names}")
     merged = {s.get("name"): s for s in base}
     for i, stage in enumerate(stages):
         if "like" in stage:
