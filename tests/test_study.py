@@ -285,11 +285,9 @@ def test_a_stage_like_another_adds_its_overrides_to_that_stages(tmp_path):
     longer.write_text(yaml.safe_dump({"extends": "spec.yaml", "name": "longer", "shared": [stages[0], stages[0]]}))
     with pytest.raises(ConfigError, match="stage names must be unique"):
         load_spec(longer)
-    for bad, message in (({"like": "stage2"}, "shared.2.like: 'stage2' is not a stage before it: "
-                                              "['data', 'stage1']"),
+    for bad, message in (({"like": "stage2"}, "shared.2.like: 'stage2' is not a stage before it: ['data', 'stage1']"),
                          ({"like": "data"}, "shared.2.like: 'data' is not a training stage"),
-                         ({"like": "stage1", "recipe": "toy.yaml"}, "shared.2.recipe: a stage like 'stage1' takes "
-                                                                    "its recipe"),
+                         ({"like": "stage1", "recipe": "toy.yaml"}, "shared.2.recipe: a stage like 'stage1' takes its"),
                          ({"like": "stage1", "overrides": "toy.hidden_size=32"}, "shared.2.overrides: a list")):
         base.write_text(yaml.safe_dump({**data, "shared": [*stages[:2], {"name": "stage1_wide", **bad}]}))
         with pytest.raises(ConfigError, match=re.escape(message)):
