@@ -233,19 +233,14 @@ class Study:
                 f"train.save_every={self.spec.save_every}", "train.progress_bar=false", "train.tensorboard=false"]
 
     def check_shared(self, seed: int) -> None:
-        """Every shared stage of `seed` validates (the generator's settings, or the whole recipe)."""
-        from llava_smoe.data.synth import parse_world
-        from llava_smoe.training.recipe import load_recipe
-
+        """Every shared stage of `seed` validates (the generator's settings, or the whole recipe),
+        and a finished one ran with them."""
         for stage in self.spec.shared:
             try:
-                if stage.synth is not None:
-                    parse_world({**stage.synth, "seed": seed}, ("synth",))
-                else:
-                    load_recipe(self._recipe(stage.recipe), self.stage_overrides(stage, seed))
+                settings = self.stage_settings(stage, seed)
             except ConfigError as exc:
                 raise ConfigError(f"shared stage {stage.name} (seed {seed}): {exc}") from None
-            self.check_reused(stage, seed)
+            self.check_reused(stage, seed, settings)
 
     def stage_settings(self, stage: StageSpec, seed: int) -> dict[str, Any]:
         """What running a shared stage now would use: the generator's settings, or the resolved recipe."""
@@ -256,8 +251,8 @@ class Study:
             return dump(parse_world({**stage.synth, "seed": seed}, ("synth",)))
         return load_recipe(self._recipe(stage.recipe), self.stage_overrides(stage, seed)).to_dict()
 
-    def check_reused(self, stage: StageSpec, seed: int) -> None:
-        """A finished shared stage must have run with the settings the spec gives it now (its paths
+    def check_reused(self, stage: StageSpec, seed: int, settings: dict[str, Any]) -> None:
+        """A finished shared stage must have run with `settings`, what the spec gives it now (its paths
         read as under this study's shared folder, wherever it ran), or the study stops, naming the
         differences, unless mixing is allowed."""
         from llava_smoe.training.recipe import load_recipe
@@ -280,8 +275,7 @@ class Study:
             except (ConfigError, KeyError, ValueError) as exc:
                 problem = f"{where}: its {record.name} cannot be read as settings ({exc})"
             else:
-                diff = [d for d in differences(recorded, self.stage_settings(stage, seed))
-                        if not d.startswith(BOOKKEEPING)]
+                diff = [d for d in differences(recorded, settings) if not d.startswith(BOOKKEEPING)]
                 if not diff:
                     return
                 problem = (f"{where} ran with other settings than the spec gives it: " + "; ".join(diff[:4])
