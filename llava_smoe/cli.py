@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("llava_smoe.data.cli", "generate the synthetic shapes world or a 665K-shaped dataset; check a LLaVA dataset"),
     "eval": ("llava_smoe.evaluation.eval_cli", "evaluate checkpoints with lmms-eval (benchmarks and local tasks), side by side"),
     "inspect": ("llava_smoe.evaluation.inspect_cli", "routing analysis: expert load by modality, entropy, dead experts, competition agreement"),
+    "probe": ("llava_smoe.evaluation.probe_cli", "teacher-forced word accuracy of captions per word group (colour, shape), with the image and blind"),
     "study": ("llava_smoe.study.cli", "compare routers over seeds: run a study's cells, then intervals and paired tests"),
     "compare": ("llava_smoe.evaluation.compare_cli", "compare training runs: a markdown table and plots from their metrics.jsonl"),
     "chat": ("llava_smoe.serve.chat", "chat with a checkpoint in the terminal (streaming; /image, /reset, /quit)"),

@@ -45,7 +45,9 @@ class PipelineData:
     stage uses it. text None: written from the captions and Q&A. captions None: each image's
     questions and answers, joined. tower_objective: the tower stage's `clip.objective`
     ("answers": it learns to answer the questions of `train`).
-    augment: every image stage's training-time augmentation ("none", "shift", "shift+flip")."""
+    augment: every image stage's training-time augmentation ("none", "shift", "shift+flip").
+    image_position: where the Q&A records put the image ("first", "last"); stage 2's processor
+    is told, so that evaluation and the front ends prompt as it was trained."""
 
     train: Path
     test: Path
@@ -58,6 +60,7 @@ class PipelineData:
     patch_size: int = 16
     tower_objective: str = "contrastive"
     augment: str = "none"
+    image_position: str = "first"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,9 +133,10 @@ def _synthesize(data: Path, seed: int, num_train: int, num_test: int) -> Pipelin
 
     # Captions name the objects in random order: each "in the <cell>" is then a lookup of the named
     # object's cell (in cell order the next cell is enough), the lookup that cell and side
-    # questions need (docs/quickstart.md).
+    # questions need (docs/quickstart.md). The image follows each question: the answer is then a
+    # fixed few tokens after each cell's token, which a tiny LM finds by that distance.
     config = ShapesWorldConfig(seed=seed, num_train=num_train, num_test=num_test, image_size=IMAGE_SIZE,
-                               single_turn=True, caption_order="random")
+                               single_turn=True, caption_order="random", image_position="last")
     manifest = data / "manifest.json"
     made = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
     if made == json.loads(json.dumps(asdict(config))):  # the same generator settings: same bytes
@@ -142,7 +146,7 @@ def _synthesize(data: Path, seed: int, num_train: int, num_test: int) -> Pipelin
         generate_shapes_world(config, data)
     return PipelineData(train=data / "instruct_train.json", test=data / "instruct_test.json", images=data / "images",
                         val=data / "instruct_val.json", captions=data / "pretrain.json",
-                        tokenizer=data / "tokenizer", text=data / "text.txt")
+                        tokenizer=data / "tokenizer", text=data / "text.txt", image_position=config.image_position)
 
 
 def _prepare(data: PipelineData, out: Path) -> PipelineData:
@@ -214,7 +218,8 @@ def _stage_overrides(stage: str, out: Path, data: PipelineData, router: str, see
         return common + paths + [f"vlm.data={data.captions}", f"vlm.tokenizer={tokenizer}",
                                  f"vlm.model.vision.name_or_path={o}/vision/final",
                                  f"vlm.model.language_model.name_or_path={o}/lm/final"]
-    tuning = [f"vlm.data=[{data.train},{data.captions}]", f"vlm.eval_data={data.val or 'null'}"]
+    tuning = [f"vlm.data=[{data.train},{data.captions}]", f"vlm.eval_data={data.val or 'null'}",
+              f"vlm.image_position={data.image_position}"]
     if stage == "transition":  # Mixture of Tokens -> token-choice routing, briefly re-tuned
         return common + paths + tuning + [f"vlm.init_from={o}/finetune_moe/final", "vlm.moe=null",
                                           "vlm.mot_to_token_choice=smoe", f"train.max_steps={TRANSITION_STEPS}"]

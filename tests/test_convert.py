@@ -137,6 +137,22 @@ def test_vision_towers_export(tmp_path, chatml, vision):
     ours_vs_transformers(model, chatml, folder)
 
 
+def test_images_after_the_text_export_and_import_as_placed(tmp_path, chatml):
+    from dataclasses import replace
+
+    from llava_smoe.processing import LlavaSmoeProcessor
+
+    last = LlavaSmoeProcessor(chatml.tokenizer, replace(chatml.config, image_position="last"))
+    prompt = encode_turns(last, [Turn("user", "What shape is in the image?", [RED_WIDE])]).token_ids.tolist()
+    image_at = [i for i, t in enumerate(prompt) if t == last.image_token_id]
+    assert len(prompt) - image_at[-1] < 8  # the image ends the user turn, the answer a few tokens on
+    model = tiny(last)
+    folder = export_hf_llava(model, last, tmp_path / "hf")
+    ours_vs_transformers(model, last, folder)  # transformers' chat template places them the same
+    _, imported = import_hf_llava(folder)
+    assert imported.config.image_position == "last"
+
+
 def test_linear_projector_exports_as_identity_second_layer(tmp_path, chatml):
     model = tiny(chatml, projector={"type": "linear"})
     folder = export_hf_llava(model, chatml, tmp_path / "hf")

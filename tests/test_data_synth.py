@@ -161,6 +161,32 @@ def test_single_turn_asks_the_same_questions_one_per_record(world, tmp_path):
             assert same[name] == sha, name
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_image_position_last_puts_the_image_after_each_question(tmp_path, multi):
+    args = ["--seed", "0", "--num-train", "200", "--num-val", "20", "--num-test", "40", "--num-heldout", "10"]
+    args += [] if multi else ["--single-turn"]
+    assert cli_main(["data", "synth", "--out", str(tmp_path / "first"), *args]) == 0
+    assert cli_main(["data", "synth", "--out", str(tmp_path / "last"), *args, "--image-position", "last"]) == 0
+    for split in ("train", "test"):
+        first, last = load(tmp_path / "first", f"instruct_{split}"), load(tmp_path / "last", f"instruct_{split}")
+        assert len(first) == len(last)
+        for a, b in zip(first, last):
+            if "image" not in a:
+                assert a == b
+                continue
+            question = a["conversations"][0]["value"].removeprefix("<image>\n")
+            assert "<image>" not in question
+            assert b["conversations"][0]["value"] == question + "\n<image>"
+            assert a["conversations"][1:] == b["conversations"][1:]  # later turns carry no image
+    # Only where the placeholder sits changes: images, captions, text and tokenizer are the same.
+    same = digest(tmp_path / "first")
+    for name, sha in digest(tmp_path / "last").items():
+        if not name.startswith(("instruct_", "manifest")):
+            assert same[name] == sha, name
+    with pytest.raises(ValueError, match="image_position must be one of"):
+        ShapesWorldConfig(image_position="middle")
+
+
 def _described(caption):
     """[(colour, shape, cell), ...] in caption order."""
     return re.findall(r"a (\w+) (\w+) in the (top left|top right|bottom left|bottom right)", caption)

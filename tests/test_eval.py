@@ -79,6 +79,32 @@ def test_flatten_records_one_item_per_turn_with_types(tiny_setup):
     assert all("<image>" not in it.question and os.path.isfile(it.image_path) for it in mine)
 
 
+def test_evaluation_prompts_keep_an_image_placed_after_the_question(tiny_loaded, tiny_setup):
+    model, processor = tiny_loaded
+    with open(tiny_setup.test_json) as f:
+        record = json.load(f)[0]
+    record = {**record, "conversations": record["conversations"][:2], "meta": {}}  # its first question
+    question = record["conversations"][0]["value"].removeprefix("<image>\n")
+    moved = {**record, "conversations": [{"from": "human", "value": question + "\n<image>"},
+                                         record["conversations"][1]]}
+    folder = os.path.join(tiny_setup.data_dir, "images")
+    (first,), (last,) = flatten_records([record], folder), flatten_records([moved], folder)
+    assert first.question == last.question == question
+    assert (first.image_position, last.image_position) == ("first", "last")
+    runner = InferenceRunner(model, processor)
+    image = [Image.open(first.image_path).convert("RGB")]
+    ids_first = runner.encode_prompt(Prompt(first.prompt_text(), image)).tolist()
+    ids_last = runner.encode_prompt(Prompt(last.prompt_text(), image)).tolist()
+    assert ids_first == runner.encode_prompt(Prompt(question, image)).tolist()  # where prompts put images by default
+    image_at = [i for i, t in enumerate(ids_last) if t == processor.image_token_id]
+    # The image tokens end the user turn, a fixed few tokens before the answer; first, they open it.
+    assert len(image_at) == processor.num_image_tokens and sorted(ids_first) == sorted(ids_last)
+    last_in_first = max(i for i, t in enumerate(ids_first) if t == processor.image_token_id)
+    question_len = len(processor.tokenizer(question, add_special_tokens=False)["input_ids"])
+    tail_first, tail_last = len(ids_first) - last_in_first, len(ids_last) - image_at[-1]
+    assert tail_last < 8 and tail_first - tail_last >= question_len  # the question moved before the image
+
+
 def test_flatten_records_rejects_bad_records_with_location(tmp_path):
     bad = [{"id": "x", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nq"},
                                                                 {"from": "gpt", "value": "a"}]}]

@@ -107,6 +107,25 @@ def test_generation_prompt_inserts_missing_image_placeholder(tokenizer):
     assert int((without == p.image_token_id).sum()) == p.num_image_tokens
 
 
+def test_image_position_last_places_unplaced_images_after_each_turns_text(tokenizer):
+    from dataclasses import replace
+
+    first = make_processor(tokenizer, "chatml")
+    last = LlavaSmoeProcessor(tokenizer, replace(first.config, image_position="last"))
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "red"},
+             {"role": "user", "content": "And this?"}]
+    placed = last.place_images(turns, has_image=[1, 0, 2])
+    assert [m.content for m in placed] == ["Hi\n<image>", "red", "And this?\n<image>\n<image>"]
+    assert last.place_images(turns[:1], has_image=True)[0].content == "Hi\n<image>"
+    assert first.place_images(turns[:1], has_image=True)[0].content == "<image>\nHi"
+    # Text that places its image itself is left alone by either.
+    explicit = [{"role": "user", "content": "<image>\nHi"}]
+    assert (last.build_generation_prompt(explicit, has_image=True).tolist()
+            == first.build_generation_prompt(explicit, has_image=True).tolist())
+    with pytest.raises(ValueError, match="image_position"):
+        ProcessorConfig(image_position="middle")
+
+
 def test_stop_tokens_include_end_of_turn(tokenizer):
     assert make_processor(tokenizer, "chatml").stop_token_ids[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert make_processor(tokenizer, "phi3").stop_token_ids[0] == tokenizer.convert_tokens_to_ids("<|end|>")

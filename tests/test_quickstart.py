@@ -42,7 +42,14 @@ def test_quickstart_chains_every_tiny_stage(tmp_path):
     from llava_smoe.convert import export_hf_llava
     from llava_smoe.pretrained import load_pretrained
 
-    export_hf_llava(*load_pretrained(out / "finetune_moe" / "final"), tmp_path / "hf")
+    model, processor = load_pretrained(out / "finetune_moe" / "final")
+    export_hf_llava(model, processor, tmp_path / "hf")
+    # The questions put the image after the text, and the checkpoint's processor says so, so the
+    # front ends prompt as stage 2 trained; stage 1's captions keep it first.
+    test = json.loads((tmp_path / "data" / "instruct_test.json").read_text())
+    assert all(r["conversations"][0]["value"].endswith("\n<image>") for r in test)
+    assert processor.config.image_position == "last"
+    assert load_pretrained(out / "pretrain" / "final")[1].config.image_position == "first"
 
     # A second run reuses the data made with the same generator settings.
     made = (tmp_path / "data" / "manifest.json").stat().st_mtime_ns

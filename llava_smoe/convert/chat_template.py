@@ -2,7 +2,8 @@
 
 The Jinja renders exactly the text `LlavaSmoeProcessor` renders for the same conversation,
 content given as a string or as transformers' typed parts ({"type": "image"} / {"type": "text"}):
-each user message's images become one image token plus a newline at the start of its text, as
+each user message's images become one image token plus a newline at the start of its text (a
+newline plus an image token at its end with `image_position: last`), as
 `LlavaSmoeProcessor.place_images` puts them.
 """
 
@@ -19,21 +20,30 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-# Every message's content as one string: images (typed parts) first as placeholders, then the
-# text parts joined by newlines, as the HTTP API and the processor build it.
-_CONTENT = """{%- macro content(message) -%}
+# Every message's content as one string: images (typed parts) as placeholders, first or last,
+# and the text parts joined by newlines, as the HTTP API and the processor build it.
+_CONTENT = {
+    "first": """{%- macro content(message) -%}
 {%- if message['content'] is string -%}{{ message['content'] }}
 {%- else -%}
 {%- for part in message['content'] if part['type'] == 'image' -%}{{ IMAGE ~ '\\n' }}{%- endfor -%}
 {{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') }}
 {%- endif -%}
-{%- endmacro -%}"""
+{%- endmacro -%}""",
+    "last": """{%- macro content(message) -%}
+{%- if message['content'] is string -%}{{ message['content'] }}
+{%- else -%}
+{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') }}
+{%- for part in message['content'] if part['type'] == 'image' -%}{{ '\\n' ~ IMAGE }}{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}""",
+}
 
 
 def jinja_chat_template(processor: Any) -> str:
     """The Jinja chat template that renders what `processor` renders."""
     template, image = processor.template, processor.image_token
-    head = "{%- set IMAGE = " + _lit(image) + " -%}\n" + _CONTENT + "\n"
+    head = "{%- set IMAGE = " + _lit(image) + " -%}\n" + _CONTENT[processor.config.image_position] + "\n"
     if isinstance(template, TokenizerChatTemplate):
         # The tokenizer's own template, fed string contents.
         rebuild = ("{%- set ns = namespace(messages=[]) -%}{%- for m in messages -%}"

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="order of the objects in captions (default: cells, row by row)")
     synth.add_argument("--side-options", choices=("fixed", "random"), default="fixed",
                        help="order of the two answers a side question offers (default: fixed, left/top first)")
+    synth.add_argument("--image-position", choices=("first", "last"), default="first",
+                       help="the image before each question (default, as in LLaVA's data) or after it")
     synth.add_argument("--question-types", default=None,
                        help="comma-separated subset of count,color_of_shape,shape_of_color,shape_at,color_at,"
                             "exists,side (default: all but exists), with --hard count_color,count_shape,"
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         config = ShapesWorldConfig(
             seed=args.seed, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
             num_heldout=args.num_heldout, max_turns=args.max_turns, single_turn=args.single_turn,
-            vocab_size=args.vocab_size, caption_order=args.caption_order, side_options=args.side_options, **world,
+            vocab_size=args.vocab_size, caption_order=args.caption_order, side_options=args.side_options,
+            image_position=args.image_position, **world,
         )
         manifest = generate_shapes_world(config, args.out)
         print(json.dumps(manifest["counts"], indent=1))

@@ -121,6 +121,10 @@ class ShapesWorldConfig(Config):
     caption_order: str = "cells"
     # Order of the two answers a side question offers: "fixed" (left / top first) or "random".
     side_options: str = "fixed"
+    # Where a question's image goes: "first" (before the question, as in LLaVA's data) or "last"
+    # (after it, right before the answer). A tiny LM finds a cell's token by its distance from
+    # the answer, which is then the same for every question.
+    image_position: str = "first"
     # The world's size: a grid x grid layout, the first num_colors of PALETTE and num_shapes of
     # ALL_SHAPES (the defaults are the original world).
     grid: int = 2
@@ -171,6 +175,10 @@ class ShapesWorldConfig(Config):
             raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
         if self.side_options not in SIDE_OPTIONS:
             raise ValueError(f"side_options must be one of {list(SIDE_OPTIONS)}, got {self.side_options!r}")
+        from llava_smoe.processing.templates import IMAGE_POSITIONS  # torch-free data generation: imported late
+
+        if self.image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"image_position must be one of {list(IMAGE_POSITIONS)}, got {self.image_position!r}")
         if self.caption_order not in CAPTION_ORDERS:
             raise ValueError(f"caption_order must be one of {list(CAPTION_ORDERS)}, got {self.caption_order!r}")
         self.holdout_combos = [tuple(c) for c in self.holdout_combos]
@@ -417,22 +425,27 @@ def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldC
     turns = rng.sample(candidates, min(rng.randint(1, config.max_turns), len(candidates)))
     conversation: list[dict] = []
     for k, (question, answer, _) in enumerate(turns):
-        conversation.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
+        conversation.append({"from": "human", "value": with_image(question, config.image_position) if k == 0 else question})
         conversation.append({"from": "gpt", "value": answer})
     return conversation, [t for _, _, t in turns]
 
 
+def with_image(question: str, position: str) -> str:
+    """The question's text with the image placeholder first or last."""
+    return f"<image>\n{question}" if position == "first" else f"{question}\n<image>"
+
+
 def _records(record_id: str, image: str, scene: list[Obj], conversation: list[dict], qtypes: list[str],
-             single_turn: bool) -> list[dict]:
+             single_turn: bool, image_position: str) -> list[dict]:
     """One LLaVA record for the conversation, or (single_turn) one per question."""
     if not single_turn:
         return [{"id": record_id, "image": image, "conversations": conversation,
                  "meta": {"scene": scene_key(scene), "types": qtypes}}]
     records = []
     for k, (question, answer) in enumerate(zip(conversation[::2], conversation[1::2])):
-        text = question["value"].removeprefix("<image>\n")
+        text = question["value"].replace("<image>", "").strip()
         records.append({"id": f"{record_id}-q{k}", "image": image,
-                        "conversations": [{"from": "human", "value": "<image>\n" + text}, answer],
+                        "conversations": [{"from": "human", "value": with_image(text, image_position)}, answer],
                         "meta": {"scene": scene_key(scene), "types": [qtypes[k]]}})
     return records
 
@@ -446,7 +459,11 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
     from llava_smoe.processing.tokenizer import train_bpe_tokenizer
 
     counts = {"train": config.num_train, "val": config.num_val, "test": config.num_test, "heldout": config.num_heldout}
-    files: dict[str, list[dict]] = {"pretrain": [], "instruct_train": [], "instruct_val": [], "instruct_test": [], "instruct_heldout": []}
+    files: dict[str, list[dict]] = {"pretrain": [], "instruct_train": [], "instruct_val": [], "instruct_test": [], "instruct_heldout": [],
+                                    "captions_test": []}
+    # Test captions (for `llava-smoe probe`) draw their order from their own stream, so the other
+    # files do not depend on whether they are written.
+    captions_rng = random.Random(_split_seed(config.seed, "captions-test"))
     answers: dict[str, Counter] = {}
     types: dict[str, Counter] = {}
     text_lines: list[str] = []
@@ -460,7 +477,8 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
             render_scene(scene, config.image_size, rng, config.size_range, config.jitter,
                          config.grid).save(os.path.join(out_dir, "images", rel))
             conversation, qtypes = make_conversation(scene, rng, config, split)
-            files[f"instruct_{split}"] += _records(f"{split}-{i:06d}", rel, scene, conversation, qtypes, config.single_turn)
+            files[f"instruct_{split}"] += _records(f"{split}-{i:06d}", rel, scene, conversation, qtypes, config.single_turn,
+                                                    config.image_position)
             answers[split].update(t["value"] for t in conversation if t["from"] == "gpt")
             types[split].update(qtypes)
             if split == "train":
@@ -472,6 +490,14 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
                 })
                 text_lines.append(caption)
                 text_lines += [f"{q['value'].replace('<image>', '').strip()} {a['value']}" for q, a in zip(conversation[::2], conversation[1::2])]
+            elif split == "test":
+                caption = describe(scene, captions_rng if config.caption_order == "random" else None, config.cells)
+                files["captions_test"].append({
+                    "id": f"caption-{split}-{i:06d}",
+                    "image": rel,
+                    "conversations": [{"from": "human", "value": PRETRAIN_PROMPT}, {"from": "gpt", "value": caption}],
+                    "meta": {"scene": scene_key(scene)},
+                })
     for j in range(round(config.num_train * config.text_only_fraction)):
         rng = random.Random(_split_seed(config.seed, f"text-{j}"))
         question, answer = rng.choice(SHAPE_FACTS)

@@ -71,7 +71,8 @@ def evaluate_exact_match(
             images[item.image_path] = load_image(item.image_path)
         return [images[item.image_path]]
 
-    prompts = [Prompt(item.question + prompt_suffix, image_for(item)) for item in items]
+    token = processor.config.image_token
+    prompts = [Prompt(item.prompt_text(token, prompt_suffix), image_for(item)) for item in items]
     answers = runner.generate(prompts, params, batch_size=batch_size)
 
     correct_by_type: dict[str, float] = defaultdict(float)

@@ -44,6 +44,16 @@ def sampling_from_gen_kwargs(gen_kwargs: dict[str, Any], default_max_new_tokens:
 
 
 @dataclass
+class ContinuationScore:
+    """A teacher-forced continuation: per target token, its id, log-probability, and whether it
+    is the argmax of the model's next-token distribution."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    greedy: list[bool]
+
+
+@dataclass
 class Prompt:
     """One user turn (text) with its images; placeholders are added at the start of the text
     when it has none (where LLaVA training data puts them)."""
@@ -144,8 +154,9 @@ class InferenceRunner:
         return input_ids[:end], start
 
     @torch.no_grad()  # not inference_mode: routing statistics kept on the model must stay updatable
-    def loglikelihood_batch(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[tuple[float, bool]]:
-        """(summed log-probability of each continuation, whether greedy decoding produces it)."""
+    def continuation_scores(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[ContinuationScore]:
+        """Each continuation teacher-forced after its prompt, token by token: the target ids,
+        their log-probabilities, and whether each is the model's most likely next token."""
         encoded = [self.encode_continuation(p, c) for p, c in zip(prompts, continuations)]
         width = max(len(ids) for ids, _ in encoded)
         input_ids = torch.full((len(encoded), width), self.processor.pad_token_id, dtype=torch.long)
@@ -158,14 +169,24 @@ class InferenceRunner:
             attention_mask=attention_mask.to(self.device),
             pixel_values=self._pixels([im for p in prompts for im in p.images]),
         ).logits.float()
-        results = []
+        scores = []
         for row, (ids, start) in enumerate(encoded):
             # Position t predicts token t + 1.
             logprobs_CV = F.log_softmax(logits_BSV[row, start - 1 : len(ids) - 1], dim=-1)
             target_C = ids[start:].to(logprobs_CV.device)
-            total = logprobs_CV.gather(1, target_C[:, None]).sum().item()
-            greedy = bool((logprobs_CV.argmax(-1) == target_C).all())
-            results.append((total if math.isfinite(total) else -math.inf, greedy))
+            scores.append(ContinuationScore(
+                token_ids=target_C.tolist(),
+                logprobs=logprobs_CV.gather(1, target_C[:, None]).squeeze(1).tolist(),
+                greedy=(logprobs_CV.argmax(-1) == target_C).tolist(),
+            ))
+        return scores
+
+    def loglikelihood_batch(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[tuple[float, bool]]:
+        """(summed log-probability of each continuation, whether greedy decoding produces it)."""
+        results = []
+        for score in self.continuation_scores(prompts, continuations):
+            total = sum(score.logprobs)
+            results.append((total if math.isfinite(total) else -math.inf, all(score.greedy)))
         return results
 
     def loglikelihood(self, prompts: Sequence[Prompt], continuations: Sequence[str],

@@ -29,6 +29,16 @@ class QAItem:
     answer: str
     image_path: str | None  # joined with the image folder; None for text-only
     question_type: str = DEFAULT_QUESTION_TYPE
+    # Where the record put the image: before the question or after it. Evaluation prompts the
+    # same way, whatever the checkpoint's processor would do with an unplaced image.
+    image_position: str = "first"
+
+    def prompt_text(self, image_token: str = "<image>", suffix: str = "") -> str:
+        """The question (plus `suffix`) with the image placeholder where the record had it."""
+        text = self.question + suffix
+        if self.image_path is None:
+            return text
+        return f"{image_token}\n{text}" if self.image_position == "first" else f"{text}\n{image_token}"
 
 
 def default_image_folder(data_path: str) -> str:
@@ -51,10 +61,12 @@ def flatten_records(
         pairs = [(q, a) for q, a in zip(turns[::2], turns[1::2]) if q.role == "user" and a.role == "assistant"]
         base_id = str(record.get("id", index))
         for k, (q, a) in enumerate(pairs):
-            question = q.content.replace(image_token, "").strip()
+            content = q.content.strip()
+            position = "last" if content.endswith(image_token) and not content.startswith(image_token) else "first"
+            question = content.replace(image_token, "").strip()
             qtype = str(types[k]) if k < len(types) else DEFAULT_QUESTION_TYPE
             qid = base_id if len(pairs) == 1 else f"{base_id}#{k}"
-            items.append(QAItem(qid, question, a.content.strip(), info.image_path, qtype))
+            items.append(QAItem(qid, question, a.content.strip(), info.image_path, qtype, position))
     return items
 
 

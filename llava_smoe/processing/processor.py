@@ -18,6 +18,7 @@ from PIL import Image
 from llava_smoe.config import Config, ConfigError, dump, invalid, parse
 from llava_smoe.processing.images import ImageProcessingConfig, preprocess_image
 from llava_smoe.processing.templates import (
+    IMAGE_POSITIONS,
     TEMPLATE_NAMES,
     ConversationError,
     Message,
@@ -48,6 +49,10 @@ class ProcessorConfig(Config):
     image_token: str = DEFAULT_IMAGE_TOKEN
     system_prompt: str | None = None
     end_of_turn: str | None = None
+    # Where a message's images go when its text does not place them: "first" (before the text,
+    # as LLaVA's data has them) or "last" (after it: a question's answer then sits a fixed few
+    # tokens after the image, whatever the question's length).
+    image_position: str = "first"
     image: ImageProcessingConfig = field(default_factory=ImageProcessingConfig)
 
     def validate(self) -> None:
@@ -58,6 +63,8 @@ class ProcessorConfig(Config):
                                               f"got {self.num_image_tokens!r}")
         if not self.image_token or any(c.isspace() for c in self.image_token):
             raise invalid("image_token", f"must be a non-empty string without whitespace, got {self.image_token!r}")
+        if self.image_position not in IMAGE_POSITIONS:
+            raise invalid("image_position", f"must be one of {list(IMAGE_POSITIONS)}, got {self.image_position!r}")
         if self.template == "plain" and self.system_prompt:
             raise invalid("system_prompt", "template 'plain' takes no system prompt; set system_prompt to null")
         if self.end_of_turn is not None and self.template != "tokenizer":
@@ -176,10 +183,9 @@ class LlavaSmoeProcessor:
         """The messages with their image placeholders: the one place they are inserted.
 
         has_image: the number of images of each message, whose placeholders go at the start of
-        that message's text (which must not contain the placeholder itself; only user messages
+        that message's text (its end with `image_position: last`) (which must not contain the placeholder itself; only user messages
         may carry images); or whether / how many images the conversation has: when no text
-        places them, their placeholders all go at the start of the first user turn (where LLaVA
-        training data has them)."""
+        places them, their placeholders all go at the start (end) of the first user turn."""
         placeholder = self.config.image_token
         msgs = normalize_messages(messages)
         if not isinstance(has_image, Sequence):
@@ -198,6 +204,8 @@ class LlavaSmoeProcessor:
                                             "attach images instead")
                 if n and m.role != "user":
                     raise ConversationError(f"message {i} ({m.role}) has images; only user messages may carry images")
+        if self.config.image_position == "last":
+            return [Message(m.role, m.content + ("\n" + placeholder) * n) for m, n in zip(msgs, has_image)]
         return [Message(m.role, (placeholder + "\n") * n + m.content) for m, n in zip(msgs, has_image)]
 
     def build_generation_prompt(

@@ -190,6 +190,7 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
 
 TOKENIZER_TEMPLATE = "tokenizer"
 TEMPLATE_NAMES = (*BUILTIN_TEMPLATES, TOKENIZER_TEMPLATE)
+IMAGE_POSITIONS = ("first", "last")  # where a message's images go when its text does not place them
 
 
 class TokenizerChatTemplate:

@@ -38,6 +38,9 @@ class VLMTaskConfig(Config):
     template / system_prompt: the conversation format (default vicuna_v1 for a new assembly;
         a checkpoint keeps its own unless a template is given, e.g. 'plain' captioning in
         stage 1, then a chat template for instruction tuning).
+    image_position: where the processor puts a message's images when its text does not place
+        them ('first' or 'last'; null: the checkpoint's, 'first' for a new assembly). Saved with
+        the checkpoint, so evaluation and every front end prompt as the data trained it.
     image_mode: how a new assembly's processor fits images to the tower ('pad' to a square in
         the mean colour, as LLaVA-1.5; 'resize'; 'center_crop'); mean and std are the tower's.
     moe / moe_placement: upcycle the loaded model's dense FFNs into MoE layers.
@@ -69,6 +72,7 @@ class VLMTaskConfig(Config):
     tokenizer: str | None = None
     template: str | None = None
     system_prompt: str | None = None
+    image_position: str | None = None
     image_mode: ImageMode = "pad"
     moe: MoEConfig | None = None
     moe_placement: MoEPlacement = field(default_factory=MoEPlacement)
@@ -80,6 +84,10 @@ class VLMTaskConfig(Config):
     eval_accuracy: bool = False
 
     def validate(self) -> None:
+        from llava_smoe.processing.templates import IMAGE_POSITIONS
+
+        if self.image_position is not None and self.image_position not in IMAGE_POSITIONS:
+            raise invalid("image_position", f"must be one of {list(IMAGE_POSITIONS)} or null, got {self.image_position!r}")
         if self.eval_accuracy and self.eval_data is None:
             raise invalid("eval_accuracy", "scores eval_data's questions: set `eval_data`")
         if (self.model is None) == (self.init_from is None):
@@ -106,11 +114,13 @@ def assemble(config: VLMTaskConfig):
             raise ConfigError(f"{config.init_from} is not a folder (run the previous stage first)", ("init_from",))
         model, processor = load_pretrained(config.init_from)
         model.train()
-        if config.template is not None:
+        changes = {} if config.template is None else {"template": config.template, "system_prompt": config.system_prompt}
+        if config.image_position is not None:
+            changes["image_position"] = config.image_position
+        if changes:
             from llava_smoe.processing import LlavaSmoeProcessor
 
-            processor = LlavaSmoeProcessor(processor.tokenizer, replace(
-                processor.config, template=config.template, system_prompt=config.system_prompt))
+            processor = LlavaSmoeProcessor(processor.tokenizer, replace(processor.config, **changes))
             if len(processor.tokenizer) != model.config.text_config.vocab_size:
                 raise ConfigError(f"{config.template!r} adds tokens the checkpoint's model lacks; use a tokenizer "
                                   "that already holds the template's control tokens", ("template",))
@@ -178,7 +188,7 @@ def _assemble_new(config: VLMTaskConfig):
     tower = model.vision_tower
     processor = LlavaSmoeProcessor(tokenizer, ProcessorConfig(
         template=template, system_prompt=config.system_prompt, num_image_tokens=tower.num_image_tokens,
-        image=ImageProcessingConfig(image_size=tower.image_size, mean=tower.image_mean, std=tower.image_std,
+        image_position=config.image_position or "first", image=ImageProcessingConfig(image_size=tower.image_size, mean=tower.image_mean, std=tower.image_std,
                                     mode=config.image_mode),
     ))
     return model, processor
