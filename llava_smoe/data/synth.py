@@ -481,23 +481,17 @@ def generate_shapes_world(config: ShapesWorldConfig, out_dir: str) -> dict:
                                                     config.image_position)
             answers[split].update(t["value"] for t in conversation if t["from"] == "gpt")
             types[split].update(qtypes)
+            if split in ("train", "test"):  # test captions draw their order from their own stream
+                order_rng = rng if split == "train" else captions_rng
+                caption = describe(scene, order_rng if config.caption_order == "random" else None, config.cells)
+                record = {"image": rel, "conversations": [{"from": "human", "value": PRETRAIN_PROMPT},
+                                                          {"from": "gpt", "value": caption}]}
             if split == "train":
-                caption = describe(scene, rng if config.caption_order == "random" else None, config.cells)
-                files["pretrain"].append({
-                    "id": f"pretrain-{i:06d}",
-                    "image": rel,
-                    "conversations": [{"from": "human", "value": PRETRAIN_PROMPT}, {"from": "gpt", "value": caption}],
-                })
+                files["pretrain"].append({"id": f"pretrain-{i:06d}", **record})
                 text_lines.append(caption)
                 text_lines += [f"{q['value'].replace('<image>', '').strip()} {a['value']}" for q, a in zip(conversation[::2], conversation[1::2])]
             elif split == "test":
-                caption = describe(scene, captions_rng if config.caption_order == "random" else None, config.cells)
-                files["captions_test"].append({
-                    "id": f"caption-{split}-{i:06d}",
-                    "image": rel,
-                    "conversations": [{"from": "human", "value": PRETRAIN_PROMPT}, {"from": "gpt", "value": caption}],
-                    "meta": {"scene": scene_key(scene)},
-                })
+                files["captions_test"].append({"id": f"caption-test-{i:06d}", **record, "meta": {"scene": scene_key(scene)}})
     for j in range(round(config.num_train * config.text_only_fraction)):
         rng = random.Random(_split_seed(config.seed, f"text-{j}"))
         question, answer = rng.choice(SHAPE_FACTS)
