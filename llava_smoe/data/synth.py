@@ -432,7 +432,9 @@ def make_conversation(scene: list[Obj], rng: random.Random, config: ShapesWorldC
 
 def with_image(question: str, position: str) -> str:
     """The question's text with the image placeholder first or last."""
-    return f"<image>\n{question}" if position == "first" else f"{question}\n<image>"
+    from llava_smoe.processing.templates import with_placeholders  # torch-free import of synth: late
+
+    return with_placeholders(question, "<image>", 1, position)
 
 
 def _records(record_id: str, image: str, scene: list[Obj], conversation: list[dict], qtypes: list[str],

@@ -11,13 +11,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from PIL import Image
-
-from llava_smoe.evaluation.generation import InferenceRunner, Prompt
+from llava_smoe.evaluation.generation import InferenceRunner
 from llava_smoe.inference import SamplingParams
 from llava_smoe.evaluation.questions import QAItem, flatten_records
 from llava_smoe.evaluation.vqa import vqa_accuracy
-from llava_smoe.processing.images import load_image
 
 
 @dataclass
@@ -58,21 +55,8 @@ def evaluate_exact_match(
     if not items:
         raise ValueError("evaluate_exact_match got no questions")
     runner = InferenceRunner(model, processor)
-    blank = runner.blank_image() if blind else None
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    images: dict[str, Image.Image] = {}
-
-    def image_for(item: QAItem) -> list[Image.Image]:
-        if item.image_path is None:
-            return []
-        if blank is not None:
-            return [blank]
-        if item.image_path not in images:
-            images[item.image_path] = load_image(item.image_path)
-        return [images[item.image_path]]
-
-    token = processor.config.image_token
-    prompts = [Prompt(item.prompt_text(token, prompt_suffix), image_for(item)) for item in items]
+    prompts = runner.item_prompts(items, blind=blind, suffix=prompt_suffix)
     answers = runner.generate(prompts, params, batch_size=batch_size)
 
     correct_by_type: dict[str, float] = defaultdict(float)

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from llava_smoe.evaluation.questions import QAItem
 from llava_smoe.inference import EncodedPrompt, Engine, EngineConfig, SamplingParams, Turn, encode_turns
+from llava_smoe.processing.images import load_image
 from llava_smoe.processing.processor import IGNORE_INDEX
 
 
@@ -90,6 +92,22 @@ class InferenceRunner:
         """A plain image in the encoder's mean colour (the padding colour): the 'no image' probe."""
         size = self.processor.image_config.image_size
         return Image.new("RGB", (size, size), self.processor.image_config.mean_color)
+
+    def item_prompts(self, items: Sequence[QAItem], blind: bool = False, suffix: str = "") -> list[Prompt]:
+        """A prompt per question item, its image where the record had it (each file loaded once);
+        blind: every image replaced by `blank_image()`."""
+        blank = self.blank_image() if blind else None
+        loaded: dict[str, Image.Image] = {}
+        token = self.processor.config.image_token
+        prompts = []
+        for item in items:
+            images = []
+            if item.image_path is not None:
+                if blank is None and item.image_path not in loaded:
+                    loaded[item.image_path] = load_image(item.image_path)
+                images = [blank if blank is not None else loaded[item.image_path]]
+            prompts.append(Prompt(item.prompt_text(token, suffix), images))
+        return prompts
 
     def encode(self, prompt: Prompt) -> EncodedPrompt:
         """The prompt's token ids (a task's text may place the images itself) and pixel values."""

@@ -35,10 +35,10 @@ class QAItem:
 
     def prompt_text(self, image_token: str = "<image>", suffix: str = "") -> str:
         """The question (plus `suffix`) with the image placeholder where the record had it."""
-        text = self.question + suffix
-        if self.image_path is None:
-            return text
-        return f"{image_token}\n{text}" if self.image_position == "first" else f"{text}\n{image_token}"
+        from llava_smoe.processing.templates import with_placeholders
+
+        count = 0 if self.image_path is None else 1
+        return with_placeholders(self.question + suffix, image_token, count, self.image_position)
 
 
 def default_image_folder(data_path: str) -> str:

@@ -16,9 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llava_smoe.evaluation.generation import InferenceRunner, Prompt, sorted_batches
+from llava_smoe.evaluation.generation import InferenceRunner, sorted_batches
 from llava_smoe.evaluation.questions import QAItem
-from llava_smoe.processing.images import load_image
 
 WORD = re.compile(r"[A-Za-z0-9]+")
 
@@ -76,27 +75,14 @@ def probe_words(
             group_of.setdefault(word.lower(), []).append(name)
 
     runner = InferenceRunner(model, processor)
-    blank = runner.blank_image()
-    cache: dict[str, Any] = {}
-
-    def images(item: QAItem, blind: bool) -> list:
-        if item.image_path is None:
-            return []
-        if blind:
-            return [blank]
-        if item.image_path not in cache:
-            cache[item.image_path] = load_image(item.image_path)
-        return [cache[item.image_path]]
-
+    lengths = [len(item.question) + len(item.answer) for item in items]
     tallies = {}
     for blind in (False, True):
+        prompts = runner.item_prompts(items, blind=blind)
         hits: dict[str, list[int]] = {}  # group or word -> [hits, count]
         loss, tokens = 0.0, 0
-        lengths = [len(item.question) + len(item.answer) for item in items]
         for batch in sorted_batches(lengths, batch_size):
-            token = processor.config.image_token
-            prompts = [Prompt(items[i].prompt_text(token), images(items[i], blind)) for i in batch]
-            scores = runner.continuation_scores(prompts, [items[i].answer for i in batch])
+            scores = runner.continuation_scores([prompts[i] for i in batch], [items[i].answer for i in batch])
             for score in scores:
                 loss -= sum(score.logprobs)
                 tokens += len(score.token_ids)

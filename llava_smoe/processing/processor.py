@@ -26,6 +26,7 @@ from llava_smoe.processing.templates import (
     check_turn_order,
     get_template,
     normalize_messages,
+    with_placeholders,
 )
 from llava_smoe.processing.tokenizer import DEFAULT_IMAGE_TOKEN, ensure_special_tokens
 
@@ -183,9 +184,10 @@ class LlavaSmoeProcessor:
         """The messages with their image placeholders: the one place they are inserted.
 
         has_image: the number of images of each message, whose placeholders go at the start of
-        that message's text (its end with `image_position: last`) (which must not contain the placeholder itself; only user messages
-        may carry images); or whether / how many images the conversation has: when no text
-        places them, their placeholders all go at the start (end) of the first user turn."""
+        that message's text, or at its end with `image_position: last` (the text must not contain
+        the placeholder itself; only user messages may carry images); or whether / how many
+        images the conversation has: when no text places them, their placeholders all go into
+        the first user turn, the same way."""
         placeholder = self.config.image_token
         msgs = normalize_messages(messages)
         if not isinstance(has_image, Sequence):
@@ -204,9 +206,8 @@ class LlavaSmoeProcessor:
                                             "attach images instead")
                 if n and m.role != "user":
                     raise ConversationError(f"message {i} ({m.role}) has images; only user messages may carry images")
-        if self.config.image_position == "last":
-            return [Message(m.role, m.content + ("\n" + placeholder) * n) for m, n in zip(msgs, has_image)]
-        return [Message(m.role, (placeholder + "\n") * n + m.content) for m, n in zip(msgs, has_image)]
+        position = self.config.image_position
+        return [Message(m.role, with_placeholders(m.content, placeholder, n, position)) for m, n in zip(msgs, has_image)]
 
     def build_generation_prompt(
         self, messages: Sequence[Any], has_image: bool | int | Sequence[int] = False, *,

@@ -193,6 +193,13 @@ TEMPLATE_NAMES = (*BUILTIN_TEMPLATES, TOKENIZER_TEMPLATE)
 IMAGE_POSITIONS = ("first", "last")  # where a message's images go when its text does not place them
 
 
+def with_placeholders(text: str, placeholder: str, count: int = 1, position: str = "first") -> str:
+    """`text` with `count` image placeholders, each on its own line, before it or after it."""
+    if position == "last":
+        return text + ("\n" + placeholder) * count
+    return (placeholder + "\n") * count + text
+
+
 class TokenizerChatTemplate:
     """The tokenizer's own Jinja chat template, made to yield exact masks.
 

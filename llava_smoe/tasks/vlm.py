@@ -188,7 +188,8 @@ def _assemble_new(config: VLMTaskConfig):
     tower = model.vision_tower
     processor = LlavaSmoeProcessor(tokenizer, ProcessorConfig(
         template=template, system_prompt=config.system_prompt, num_image_tokens=tower.num_image_tokens,
-        image_position=config.image_position or "first", image=ImageProcessingConfig(image_size=tower.image_size, mean=tower.image_mean, std=tower.image_std,
+        image_position=config.image_position or "first",
+        image=ImageProcessingConfig(image_size=tower.image_size, mean=tower.image_mean, std=tower.image_std,
                                     mode=config.image_mode),
     ))
     return model, processor
