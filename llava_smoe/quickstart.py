@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -167,6 +167,7 @@ def _prepare(data: PipelineData, out: Path) -> PipelineData:
     prepared = out / "data"
     prepared.mkdir(parents=True, exist_ok=True)
     records = [r for r in load_records(str(data.train)) if isinstance(r, dict)]
+    data.image_position = _image_position(records)
     if data.captions is None:
         by_image: dict[str, list[str]] = defaultdict(list)
         for r in records:
@@ -190,6 +191,24 @@ def _prepare(data: PipelineData, out: Path) -> PipelineData:
         data.text = prepared / "text.txt"
         data.text.write_text("\n".join(lines) + "\n")
     return data
+
+
+def _image_position(records: list[dict]) -> str:
+    """Where the training questions put the image (the more common of first and last; first on a
+    tie): stage 2's processor is told, so that the front ends place an image as training did."""
+    from llava_smoe.processing.templates import placement_of
+    from llava_smoe.processing.tokenizer import DEFAULT_IMAGE_TOKEN
+
+    counts: Counter = Counter()
+    for r in records:
+        question = next((t.get("value", "") for t in r.get("conversations") or [] if t.get("from") == "human"), None)
+        if r.get("image") and question is not None:
+            counts[placement_of(question, DEFAULT_IMAGE_TOKEN) or "unplaced"] += 1
+    position = "last" if counts["last"] > counts["first"] else "first"
+    print(f"==> data: the training questions put the image first in {counts['first']:,}, last in {counts['last']:,}, "
+          f"inside the text in {counts['inside']:,}, nowhere in {counts['unplaced']:,}: "
+          f"stage 2 places an image the text does not place {position}")
+    return position
 
 
 def _augment_overrides(task: str, data: PipelineData) -> list[str]:

@@ -126,6 +126,18 @@ def test_image_position_last_places_unplaced_images_after_each_turns_text(tokeni
         ProcessorConfig(image_position="middle")
 
 
+def test_placement_of_reads_back_where_with_placeholders_put_the_images():
+    from llava_smoe.processing.templates import IMAGE_POSITIONS, placement_of, with_placeholders
+
+    for position in IMAGE_POSITIONS:
+        for count in (1, 2):
+            assert placement_of(with_placeholders("What colour?", "<image>", count, position), "<image>") == position
+    assert placement_of("Left <image> or right?", "<image>") == "inside"
+    assert placement_of("<image>\nWhich? <image>", "<image>") == "inside"
+    assert placement_of("No image here.", "<image>") is None
+    assert placement_of("<image>", "<image>") == "first"  # no words: either, and first is the default
+
+
 def test_stop_tokens_include_end_of_turn(tokenizer):
     assert make_processor(tokenizer, "chatml").stop_token_ids[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert make_processor(tokenizer, "phi3").stop_token_ids[0] == tokenizer.convert_tokens_to_ids("<|end|>")

@@ -88,6 +88,8 @@ def test_quickstart_runs_every_stage_on_your_own_data(tmp_path):
     assert tower["augment"] == {"shift": 8, "hflip": True}  # 1/8 of the 64 px side
     for stage in ("pretrain", "finetune_moe"):  # every image stage
         assert yaml.safe_load((out / stage / "run_config.yaml").read_text())["vlm"]["augment"] == tower["augment"]
+    # The world's questions put the image first, and stage 2's processor is told so.
+    assert yaml.safe_load((out / "finetune_moe" / "run_config.yaml").read_text())["vlm"]["image_position"] == "first"
     final = out / "finetune_moe" / "final"
     trained, used = (json.loads((f / "tokenizer.json").read_text())["model"] for f in (out / "lm" / "final", final))
     assert trained["vocab"] == used["vocab"] and trained["merges"] == used["merges"]  # the LM stage's BPE
@@ -95,6 +97,22 @@ def test_quickstart_runs_every_stage_on_your_own_data(tmp_path):
     assert vision["image_size"] == 64 and vision["patch_size"] == 16
     assert set(summary["accuracy_by_type"]) <= {"color", "shape", "yes_color", "yes_shape"}
     assert summary["num_questions"] == 24 and summary["test"] == str(data / "instruct_test.json")
+
+
+def test_own_data_keeps_the_image_where_its_training_questions_put_it(capsys):
+    """Stage 2's processor is told the records' own placement (the more common of first and
+    last), so the front ends place an image as training did; the line says what was counted."""
+    from llava_smoe.quickstart import _image_position
+
+    def record(question, image="a.png"):
+        return {"image": image, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "red"}]}
+
+    last = [record("What colour?\n<image>")] * 3 + [record("<image>\nWhat shape?")] * 2
+    assert _image_position(last + [record("Left <image> or right?"), record("No placeholder.")]) == "last"
+    assert "first in 2, last in 3, inside the text in 1, nowhere in 1: " in capsys.readouterr().out
+    assert _image_position(last[:1] + last[-1:]) == "first"  # a tie keeps the default
+    assert _image_position([record("What colour?\n<image>", image=None)] + last[-1:]) == "first"  # text-only: not counted
+    assert _image_position([]) == "first"
 
 
 def test_own_data_errors_are_one_line(tmp_path, capsys):

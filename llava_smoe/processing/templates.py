@@ -200,6 +200,19 @@ def with_placeholders(text: str, placeholder: str, count: int = 1, position: str
     return (placeholder + "\n") * count + text
 
 
+def placement_of(text: str, placeholder: str) -> str | None:
+    """Where `text` holds its image placeholders: "first" (before the words), "last" (after
+    them), "inside" (among them), or None (it has none): the inverse of `with_placeholders`."""
+    if placeholder not in text:
+        return None
+    words = [part.strip() for part in text.split(placeholder)]
+    if not any(words[:-1]):
+        return "first"
+    if not any(words[1:]):
+        return "last"
+    return "inside"
+
+
 class TokenizerChatTemplate:
     """The tokenizer's own Jinja chat template, made to yield exact masks.
 
