@@ -123,6 +123,7 @@ def test_export_parquet_round_trips_with_image_feature(tiny_setup, tmp_path):
     assert len(ds) == len(items) + 1
     row = ds[0]
     assert row["question"] == items[0].question and row["answer"] == items[0].answer
+    assert [r["image_position"] for r in ds] == [it.image_position for it in [*items, text_only]]
     with Image.open(items[0].image_path) as original:
         assert list(row["image"].convert("RGB").getdata()) == list(original.convert("RGB").getdata())
     assert ds[len(items)]["image"] is None

@@ -71,6 +71,20 @@ def test_generate_until_batches_and_honours_until(lmms_with_docs):
     assert cut == long_answer[: long_answer.find(stop)].strip()
 
 
+def test_a_docs_image_position_places_its_image(lmms_with_docs):
+    """The local tasks' parquet says where each record put its image; the model prompts so, and a
+    doc without the column is left to the processor."""
+    lm, docs = lmms_with_docs
+    doc, question = docs[0], docs[0]["question"]
+    lm.task_dict["placed"] = {"test": [{**doc, "image_position": "last"}, {**doc, "image_position": "first"}, doc]}
+    last, first, unplaced = (lm._prompt(question, _visual, i, "placed", "test") for i in range(3))
+    placeholder = lm.runner.processor.config.image_token
+    assert (last.text, first.text, unplaced.text) == (f"{question}\n{placeholder}", f"{placeholder}\n{question}", question)
+    ids_last, ids_first = (lm.runner.encode_prompt(p).tolist() for p in (last, first))
+    assert ids_first == lm.runner.encode_prompt(unplaced).tolist() != ids_last  # this processor places first
+    assert sorted(ids_first) == sorted(ids_last)
+
+
 def test_loglikelihood_uses_the_runner_scores(lmms_with_docs):
     from llava_smoe.evaluation.generation import Prompt
 

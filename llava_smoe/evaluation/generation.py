@@ -57,8 +57,8 @@ class ContinuationScore:
 
 @dataclass
 class Prompt:
-    """One user turn (text) with its images; placeholders are added at the start of the text
-    when it has none (where LLaVA training data puts them)."""
+    """One user turn (text) with its images; when the text holds no placeholders, the processor
+    places them (its `image_position`: first, where LLaVA's data has them, or last)."""
 
     text: str
     images: list[Image.Image] = field(default_factory=list)

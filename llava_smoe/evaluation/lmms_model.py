@@ -33,6 +33,7 @@ from llava_smoe.evaluation.generation import (
     sorted_batches,
 )
 from llava_smoe.pretrained import DTypeChoice, load_pretrained, resolve_device
+from llava_smoe.processing.templates import IMAGE_POSITIONS, with_placeholders
 
 
 @dataclass
@@ -126,7 +127,8 @@ class LlavaSmoeLmms(lmms):
 
     # -- requests -----------------------------------------------------------------------------
     def _prompt(self, context: str, doc_to_visual: Any, doc_id: int, task: str, split: str) -> Prompt:
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        doc = self.task_dict[task][split][doc_id]
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
         images = []
         for v in _flatten(visuals):
             if not isinstance(v, Image.Image):
@@ -134,6 +136,11 @@ class LlavaSmoeLmms(lmms):
                     f"llava_smoe takes images only; task {task!r} doc {doc_id} gave a {type(v).__name__} visual"
                 )
             images.append(v.convert("RGB"))
+        position = doc.get("image_position") if isinstance(doc, dict) else None
+        placeholder = self.runner.processor.config.image_token
+        if images and position in IMAGE_POSITIONS and placeholder not in context:
+            # The record's own placement (the local tasks' parquet), not the processor's default.
+            context = with_placeholders(context, placeholder, len(images), position)
         return Prompt(context, images)
 
     def _text_length(self, context: str) -> int:

@@ -6,7 +6,9 @@ earlier one). The shapes world's `meta.types` gives each turn's question type.
 
 The parquet layout (what the local lmms-eval tasks in `eval/` read):
     question_id: str, question: str, answer: str, question_type: str,
-    image: `datasets.Image()` (PNG/JPEG bytes; null for text-only questions)
+    image: `datasets.Image()` (PNG/JPEG bytes; null for text-only questions),
+    image_position: str ("first" or "last": where the record put the image; the `llava_smoe`
+    lmms-eval model prompts the same way)
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from llava_smoe.data.records import check_record, load_records
+from llava_smoe.processing.templates import placement_of
 
-QUESTION_COLUMNS = ("question_id", "question", "answer", "question_type", "image")
+QUESTION_COLUMNS = ("question_id", "question", "answer", "question_type", "image", "image_position")
 DEFAULT_QUESTION_TYPE = "all"
 
 
@@ -62,7 +65,8 @@ def flatten_records(
         base_id = str(record.get("id", index))
         for k, (q, a) in enumerate(pairs):
             content = q.content.strip()
-            position = "last" if content.endswith(image_token) and not content.startswith(image_token) else "first"
+            # An image inside the text is prompted before it: QAItem keeps first or last.
+            position = "last" if placement_of(content, image_token) == "last" else "first"
             question = content.replace(image_token, "").strip()
             qtype = str(types[k]) if k < len(types) else DEFAULT_QUESTION_TYPE
             qid = base_id if len(pairs) == 1 else f"{base_id}#{k}"
@@ -92,6 +96,7 @@ def export_parquet(items: Sequence[QAItem], out_path: str) -> str:
         "answer": datasets.Value("string"),
         "question_type": datasets.Value("string"),
         "image": datasets.Image(),
+        "image_position": datasets.Value("string"),
     })
     columns: dict[str, list] = {name: [] for name in QUESTION_COLUMNS}
     for item in items:
@@ -99,6 +104,7 @@ def export_parquet(items: Sequence[QAItem], out_path: str) -> str:
         columns["question"].append(item.question)
         columns["answer"].append(item.answer)
         columns["question_type"].append(item.question_type)
+        columns["image_position"].append(item.image_position)
         if item.image_path is None:
             columns["image"].append(None)
         else:
@@ -120,5 +126,6 @@ def check_parquet_columns(path: str) -> None:
     if missing:
         raise ValueError(
             f"{path} lacks column(s) {missing}; the local VQA task needs 'question' and 'answer' "
-            f"(optional: 'image' as datasets.Image(), 'question_type', 'question_id'); found {sorted(names)}"
+            f"(optional: 'image' as datasets.Image(), 'question_type', 'question_id', "
+            f"'image_position'); found {sorted(names)}"
         )
